@@ -1,0 +1,2 @@
+//! vram-residency core library (work in progress).
+#![forbid(unsafe_code)]
