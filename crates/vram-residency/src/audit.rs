@@ -1,0 +1,239 @@
+//! Security-relevant events and where they go.
+//!
+//! The manager reports every event twice: as a structured `tracing` event (for operators' logs) and to
+//! an [`AuditSink`] (for the durable, HMAC-chained log the worker service plugs in). Events carry no
+//! pointer, no key, no token and no expected tag — only public facts. Every entry names its backend, so
+//! a `sim` record cannot be mistaken for real residency.
+//!
+//! Success events fail closed: if the sink refuses the record of a seal, the seal is undone.
+
+use std::sync::{Mutex, PoisonError};
+
+use crate::backend::BackendKind;
+use crate::digest::Digest;
+use crate::error::{ByteRange, Result};
+use crate::shard::ShardId;
+
+/// How bad an event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Normal operation.
+    Info,
+    /// Refused request or resource problem.
+    Warning,
+    /// Security incident: forgery, corruption, policy violation, stop.
+    Critical,
+}
+
+/// Why a verification failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureKind {
+    /// The seal's HMAC did not verify.
+    Forgery,
+    /// The bytes in device memory changed.
+    Corruption,
+}
+
+/// One security-relevant event.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AuditEvent {
+    /// A shard was sealed.
+    VramSealed {
+        /// Shard.
+        shard_id: ShardId,
+        /// Device index.
+        gpu: u32,
+        /// Size.
+        vram_bytes: u64,
+        /// fs-verity digest measured in device memory.
+        digest: Digest,
+        /// Model reference.
+        model_ref: String,
+    },
+    /// A verification succeeded.
+    SealVerified {
+        /// Shard.
+        shard_id: ShardId,
+        /// Device index.
+        gpu: u32,
+        /// Bytes re-hashed.
+        vram_bytes: u64,
+    },
+    /// A verification failed (critical).
+    SealVerificationFailed {
+        /// Shard (as claimed by the handle).
+        shard_id: ShardId,
+        /// Device index.
+        gpu: u32,
+        /// Forgery or corruption.
+        kind: FailureKind,
+        /// Damaged 512 KiB ranges (corruption only).
+        damaged: Vec<ByteRange>,
+    },
+    /// Device memory was admitted and allocated.
+    VramAllocated {
+        /// Shard.
+        shard_id: ShardId,
+        /// Device index.
+        gpu: u32,
+        /// Bytes.
+        bytes: u64,
+        /// Admitted bytes on the device afterwards.
+        used_after: u64,
+        /// Device capacity.
+        total: u64,
+    },
+    /// An allocation was refused or failed.
+    VramAllocationFailed {
+        /// Device index.
+        gpu: u32,
+        /// Bytes asked for.
+        requested: u64,
+        /// The reason (the error message).
+        reason: String,
+    },
+    /// A shard's device memory was freed.
+    VramDeallocated {
+        /// Shard.
+        shard_id: ShardId,
+        /// Device index.
+        gpu: u32,
+        /// Bytes freed.
+        bytes: u64,
+    },
+    /// The VRAM-only policy was violated (critical).
+    PolicyViolation {
+        /// Device index.
+        gpu: u32,
+        /// What was found.
+        reason: String,
+    },
+    /// The worker entered the `Stopped` state (critical).
+    WorkerStopped {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl AuditEvent {
+    /// The event's severity.
+    #[must_use]
+    pub const fn severity(&self) -> Severity {
+        match self {
+            Self::VramSealed { .. }
+            | Self::SealVerified { .. }
+            | Self::VramAllocated { .. }
+            | Self::VramDeallocated { .. } => Severity::Info,
+            Self::VramAllocationFailed { .. } => Severity::Warning,
+            Self::SealVerificationFailed { .. }
+            | Self::PolicyViolation { .. }
+            | Self::WorkerStopped { .. } => Severity::Critical,
+        }
+    }
+
+    /// The event's name, as in the serialised `event` field.
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::VramSealed { .. } => "vram_sealed",
+            Self::SealVerified { .. } => "seal_verified",
+            Self::SealVerificationFailed { .. } => "seal_verification_failed",
+            Self::VramAllocated { .. } => "vram_allocated",
+            Self::VramAllocationFailed { .. } => "vram_allocation_failed",
+            Self::VramDeallocated { .. } => "vram_deallocated",
+            Self::PolicyViolation { .. } => "policy_violation",
+            Self::WorkerStopped { .. } => "worker_stopped",
+        }
+    }
+}
+
+/// An event with its context, as handed to a sink.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditEntry {
+    /// Time of the event, ns since the Unix epoch.
+    pub at_ns: u64,
+    /// Backend of the manager that reported it.
+    pub backend: BackendKind,
+    /// Severity.
+    pub severity: Severity,
+    /// The event.
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// Where audit entries go. Implementations must be cheap to call and must not panic.
+pub trait AuditSink: Send + Sync {
+    /// Records one entry durably (or as durably as the sink promises).
+    ///
+    /// # Errors
+    /// [`VramError::Audit`](crate::VramError::Audit) when the entry could not be recorded.
+    fn record(&self, entry: &AuditEntry) -> Result<()>;
+}
+
+/// A sink that keeps nothing (the `tracing` events are still emitted by the manager).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoAuditSink;
+
+impl AuditSink for NoAuditSink {
+    fn record(&self, _entry: &AuditEntry) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A sink that keeps entries in memory (tests, the demo).
+#[derive(Debug, Default)]
+pub struct MemoryAuditSink {
+    entries: Mutex<Vec<AuditEntry>>,
+}
+
+impl MemoryAuditSink {
+    /// A copy of the entries recorded so far.
+    #[must_use]
+    pub fn entries(&self) -> Vec<AuditEntry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl AuditSink for MemoryAuditSink {
+    fn record(&self, entry: &AuditEntry) -> Result<()> {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(entry.clone());
+        Ok(())
+    }
+}
+
+/// Emits `entry` as a structured `tracing` event at a level matching its severity.
+pub(crate) fn trace(entry: &AuditEntry) {
+    match entry.severity {
+        Severity::Info => tracing::info!(
+            target: "vram_residency::audit",
+            event = entry.event.name(),
+            backend = %entry.backend,
+            detail = ?entry.event,
+            "audit"
+        ),
+        Severity::Warning => tracing::warn!(
+            target: "vram_residency::audit",
+            event = entry.event.name(),
+            backend = %entry.backend,
+            detail = ?entry.event,
+            "audit"
+        ),
+        Severity::Critical => tracing::error!(
+            target: "vram_residency::audit",
+            event = entry.event.name(),
+            backend = %entry.backend,
+            detail = ?entry.event,
+            "audit: SECURITY INCIDENT"
+        ),
+    }
+}

@@ -1,0 +1,286 @@
+//! The device-memory backend interface the manager is written against.
+//!
+//! Two implementations: `cuda` (real VRAM, in the `vram-residency-cuda` crate, the only crate with
+//! `unsafe`) and [`sim`](crate::sim) (host memory, for machines without a GPU). A backend allocates
+//! buffers on a device, uploads a byte stream into them, and measures their fs-verity digest *where
+//! the bytes are* (on the GPU for `cuda`). Every record made on `sim` says `backend: sim`.
+
+use std::fmt;
+use std::io::Read;
+use std::ops::Deref;
+
+use crate::digest::TreeDigest;
+use crate::error::{Result, VramError};
+
+/// Which kind of memory holds the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// NVIDIA device memory through the CUDA driver. The only backend for production.
+    Cuda,
+    /// Simulated device memory in host RAM. For development, CI and demos; never real residency.
+    Sim,
+}
+
+impl BackendKind {
+    /// Code used in canonical encodings.
+    #[must_use]
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::Cuda => 1,
+            Self::Sim => 2,
+        }
+    }
+
+    /// Inverse of [`code`](Self::code).
+    #[must_use]
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::Cuda),
+            2 => Some(Self::Sim),
+            _ => None,
+        }
+    }
+
+    /// `"cuda"` or `"sim"`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Cuda => "cuda",
+            Self::Sim => "sim",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = VramError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cuda" => Ok(Self::Cuda),
+            "sim" => Ok(Self::Sim),
+            other => Err(VramError::InvalidInput {
+                field: "backend",
+                reason: format!(
+                    "unknown backend {:?}; expected \"cuda\" or \"sim\"",
+                    other.chars().take(40).collect::<String>()
+                ),
+            }),
+        }
+    }
+}
+
+/// What a backend reports about one device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// Device index (the `gpu` argument of the manager's operations).
+    pub index: u32,
+    /// Marketing name, e.g. "NVIDIA H100 80GB HBM3" (or "sim device 0").
+    pub name: String,
+    /// Device UUID.
+    #[serde(serialize_with = "serialize_uuid")]
+    pub uuid: [u8; 16],
+    /// Total device memory in bytes.
+    pub total_bytes: u64,
+    /// Free device memory in bytes, as of the query.
+    pub free_bytes: u64,
+}
+
+fn serialize_uuid<S: serde::Serializer>(
+    uuid: &[u8; 16],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(&crate::shard::format_uuid(uuid))
+}
+
+/// Opaque identifier of one allocation: a counter within its backend, never an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocationId(pub u64);
+
+/// Where a buffer's bytes were found to live, from the backend's own check (VP-001, VP-003, VP-005).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "verdict", content = "detail")]
+pub enum Residency {
+    /// The driver confirms plain device memory (CUDA: memory type DEVICE, not managed).
+    DeviceMemory,
+    /// Simulated backend: host memory, labelled as such. Not residency.
+    Simulated,
+    /// The bytes are not in plain device memory (managed, host, mapped...). A policy violation.
+    Violation(String),
+}
+
+/// A device buffer holding one shard. Implementations free the memory on drop without panicking
+/// (MS-004, MS-005) and never expose an address through `Debug` or errors (MS-001).
+pub trait DeviceBuffer: Send + Sync {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+
+    /// True when the buffer has no bytes (never, for a shard).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Device index.
+    fn gpu(&self) -> u32;
+
+    /// Opaque allocation identifier.
+    fn allocation_id(&self) -> AllocationId;
+
+    /// Fills the whole buffer from `source`, which must deliver exactly [`len`](Self::len) bytes and
+    /// then end. `progress` receives the running byte count.
+    ///
+    /// # Errors
+    /// [`VramError::SourceChanged`] when the source ends early or has more bytes; [`VramError::Io`] on
+    /// a read error; backend errors on a failed copy.
+    fn upload(&mut self, source: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<()>;
+
+    /// Measures the fs-verity digest of the bytes where they live (on the GPU for `cuda`).
+    ///
+    /// # Errors
+    /// Backend errors.
+    fn tree_digest(&self) -> Result<TreeDigest>;
+
+    /// Checks where the bytes live (VP-001/003/005).
+    ///
+    /// # Errors
+    /// Backend errors when the check itself fails.
+    fn residency(&self) -> Result<Residency>;
+
+    /// Lends the weights for the duration of the borrow.
+    ///
+    /// # Errors
+    /// Backend errors.
+    fn weights(&self) -> Result<Weights<'_>>;
+}
+
+/// A device-memory backend.
+pub trait Backend: Send + Sync {
+    /// Which kind this is.
+    fn kind(&self) -> BackendKind;
+
+    /// The devices present.
+    ///
+    /// # Errors
+    /// Backend errors (driver missing, ...).
+    fn devices(&self) -> Result<Vec<DeviceInfo>>;
+
+    /// Allocates `bytes` of device memory on device `gpu`.
+    ///
+    /// # Errors
+    /// [`VramError::AllocationFailed`] or [`VramError::InvalidGpuIndex`].
+    fn allocate(&self, gpu: u32, bytes: u64) -> Result<Box<dyn DeviceBuffer>>;
+}
+
+/// Access to a shard's weights, lent by [`VramManager::execute`](crate::VramManager::execute) for the
+/// duration of one closure call. Its `Debug` shows no address.
+pub struct Weights<'a> {
+    len: u64,
+    access: Access<'a>,
+}
+
+enum Access<'a> {
+    Host(Box<dyn Deref<Target = [u8]> + 'a>),
+    Device(u64),
+}
+
+impl<'a> Weights<'a> {
+    /// Weights in host memory (the `sim` backend).
+    #[must_use]
+    pub fn host(bytes: Box<dyn Deref<Target = [u8]> + 'a>) -> Self {
+        let len = bytes.len() as u64;
+        Self {
+            len,
+            access: Access::Host(bytes),
+        }
+    }
+
+    /// Weights in device memory at `device_ptr` (the `cuda` backend).
+    #[must_use]
+    pub fn device(device_ptr: u64, len: u64) -> Self {
+        Self {
+            len,
+            access: Access::Device(device_ptr),
+        }
+    }
+
+    /// Size in bytes.
+    #[must_use]
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when there are no bytes.
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, when they are in host memory (`sim` only).
+    #[must_use]
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        match &self.access {
+            Access::Host(bytes) => Some(bytes),
+            Access::Device(_) => None,
+        }
+    }
+
+    /// The device address (`cuda` only), for launching inference kernels. Do not log it (MS-001).
+    #[must_use]
+    pub const fn device_ptr(&self) -> Option<u64> {
+        match self.access {
+            Access::Device(ptr) => Some(ptr),
+            Access::Host(_) => None,
+        }
+    }
+}
+
+impl fmt::Debug for Weights<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let place = match self.access {
+            Access::Host(_) => "host",
+            Access::Device(_) => "device",
+        };
+        f.debug_struct("Weights")
+            .field("len", &self.len)
+            .field("memory", &place)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_parse_and_unknown_is_refused() {
+        assert_eq!("sim".parse::<BackendKind>().unwrap(), BackendKind::Sim);
+        assert_eq!("cuda".parse::<BackendKind>().unwrap(), BackendKind::Cuda);
+        assert!(matches!(
+            "rocm".parse::<BackendKind>(),
+            Err(VramError::InvalidInput {
+                field: "backend",
+                ..
+            })
+        ));
+        for kind in [BackendKind::Sim, BackendKind::Cuda] {
+            assert_eq!(BackendKind::from_code(kind.code()), Some(kind));
+        }
+    }
+
+    #[test]
+    fn weights_debug_shows_no_address_ms_001() {
+        let w = Weights::device(0xdead_beef_0000, 4096);
+        let shown = format!("{w:?}");
+        assert!(!shown.contains("dead"), "{shown}");
+        assert!(!shown.to_lowercase().contains("0x"), "{shown}");
+        assert!(
+            !shown.contains(&0xdead_beef_0000_u64.to_string()),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! The crate's one error type.
+//!
+//! Every condition has its own variant so that callers (and the worker service) can react precisely.
+//! Messages are written for operators: they say what went wrong and, where there is one, what to do.
+//!
+//! What never appears in a message: a token, a key, an expected seal tag, a device pointer, or model
+//! bytes. Forgery is opaque on purpose (STYLE.md §4): it says *that* the seal did not verify, not what
+//! tag would have.
+
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+use crate::shard::ShardId;
+
+/// A byte range of a shard (`start..end`, in bytes from the start of the shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ByteRange {
+    /// First byte of the range.
+    pub start: u64,
+    /// One past the last byte of the range.
+    pub end: u64,
+}
+
+impl std::fmt::Display for ByteRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}..{:#x}", self.start, self.end)
+    }
+}
+
+/// Everything that can go wrong in vram-residency.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VramError {
+    /// The model has no bytes (IV-001).
+    #[error("the model is empty (0 bytes); nothing to seal")]
+    EmptyModel,
+
+    /// The model is larger than the configured maximum (IV-001, RP-003).
+    #[error(
+        "the model is {size} bytes, over the configured maximum of {max} bytes (raise --max-model-bytes if this is intended)"
+    )]
+    ModelTooLarge {
+        /// Size of the offered model.
+        size: u64,
+        /// Configured maximum.
+        max: u64,
+    },
+
+    /// The GPU index does not name a device of this backend (IV-002).
+    #[error(
+        "GPU index {gpu} is out of range: this backend has {count} device(s) (valid: 0..{count})"
+    )]
+    InvalidGpuIndex {
+        /// The requested index.
+        gpu: u32,
+        /// How many devices the backend has.
+        count: u32,
+    },
+
+    /// A caller-chosen shard id is not acceptable (IV-003, IV-005).
+    #[error(
+        "invalid shard id: {reason} (allowed: 1 to 256 characters of A-Z a-z 0-9 '-' '_' '.', not starting with '.')"
+    )]
+    InvalidShardId {
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A shard with this id is already resident on this worker.
+    #[error("shard id {shard_id} is already in use on this worker")]
+    DuplicateShardId {
+        /// The id that is taken.
+        shard_id: ShardId,
+    },
+
+    /// A digest string could not be parsed (IV-004).
+    #[error("invalid digest {input:?}: {reason} (expected sha256:<64 lowercase hex digits>)")]
+    InvalidDigest {
+        /// The offending input, truncated to 80 characters.
+        input: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A string input (model reference, path component, ...) was refused (IV-005).
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// Which input.
+        field: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The worker token could not be used. Never contains the token.
+    #[error("unusable worker token: {reason}")]
+    InvalidToken {
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// Admission refused: the device has not got room for the model (VP-004, RP-001, RP-004).
+    #[error(
+        "not enough VRAM on GPU {gpu}: {needed} bytes needed, {available} bytes available after headroom (evict a shard, choose another GPU, or lower the headroom)"
+    )]
+    InsufficientVram {
+        /// Target device.
+        gpu: u32,
+        /// Bytes asked for.
+        needed: u64,
+        /// Bytes that could still be admitted.
+        available: u64,
+    },
+
+    /// The backend could not allocate device memory.
+    #[error("device allocation of {bytes} bytes on GPU {gpu} failed: {reason}")]
+    AllocationFailed {
+        /// Target device.
+        gpu: u32,
+        /// Bytes asked for.
+        bytes: u64,
+        /// What the backend reported.
+        reason: String,
+    },
+
+    /// Reading the model source failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file (or `<reader>` for a stream).
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// The source delivered a different number of bytes than announced (for example, the file changed
+    /// size while it was being read).
+    #[error("the source changed while being read: {expected} bytes announced, {actual} read")]
+    SourceChanged {
+        /// Bytes announced up front.
+        expected: u64,
+        /// Bytes actually delivered (or the new size).
+        actual: u64,
+    },
+
+    /// The model's digest is not the one the caller said to expect. Nothing was sealed.
+    #[error(
+        "digest mismatch: expected {expected}, the bytes in device memory hash to {actual}; nothing was sealed"
+    )]
+    DigestMismatch {
+        /// What the caller expected.
+        expected: Digest,
+        /// What was computed from device memory.
+        actual: Digest,
+    },
+
+    /// The seal's HMAC does not verify: the record was altered or was not made with this worker's key.
+    /// Deliberately opaque (CI-003).
+    #[error(
+        "seal verification failed for shard {shard_id}: the seal record or its tag was forged or altered"
+    )]
+    SealForgery {
+        /// The shard whose seal failed (as claimed by the handle).
+        shard_id: ShardId,
+    },
+
+    /// The seal is authentic but the bytes in device memory no longer hash to the sealed digest.
+    #[error("VRAM corruption in shard {shard_id}: {} damaged 512 KiB range(s), first {}", damaged.len(), damaged.first().map_or_else(|| "unknown".to_owned(), ToString::to_string))]
+    Corruption {
+        /// The corrupted shard.
+        shard_id: ShardId,
+        /// The 512 KiB-granular ranges whose level-1 hashes differ.
+        damaged: Vec<ByteRange>,
+    },
+
+    /// The worker stopped after a security incident; no seals or executions until restart (WORKER-4122).
+    #[error(
+        "the worker is stopped after a security incident ({reason}); restart it to seal or execute again"
+    )]
+    WorkerStopped {
+        /// What stopped it.
+        reason: String,
+    },
+
+    /// The shard handle was issued by another manager (or was already released).
+    #[error("shard {shard_id} does not belong to this manager")]
+    ForeignShard {
+        /// The shard.
+        shard_id: ShardId,
+    },
+
+    /// The VRAM-only policy was violated (VP-001, VP-003, VP-005).
+    #[error("VRAM-only policy violation: {reason}")]
+    PolicyViolation {
+        /// What was found.
+        reason: String,
+    },
+
+    /// The requested backend cannot be used in this build or on this machine.
+    #[error("backend {backend} is unavailable: {reason}")]
+    BackendUnavailable {
+        /// Backend name.
+        backend: &'static str,
+        /// Why.
+        reason: String,
+    },
+
+    /// A backend operation failed (device read, digest kernel, ...).
+    #[error("backend failure: {reason}")]
+    Backend {
+        /// What the backend reported.
+        reason: String,
+    },
+
+    /// The audit sink refused a record; the operation was not completed (fails closed).
+    #[error("audit sink failed: {reason}")]
+    Audit {
+        /// What the sink reported.
+        reason: String,
+    },
+
+    /// A canonical record (seal record, ...) could not be decoded.
+    #[error("malformed {what}: {reason}")]
+    MalformedRecord {
+        /// Which record.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+
+    /// An internal size computation would overflow (MS-003, MS-006).
+    #[error("size arithmetic overflow in {context}")]
+    Overflow {
+        /// Where.
+        context: &'static str,
+    },
+}
+
+impl VramError {
+    /// True when retrying later (after other shards are evicted, say) may succeed.
+    #[must_use]
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self,
+            Self::InsufficientVram { .. } | Self::AllocationFailed { .. }
+        )
+    }
+
+    /// True for security incidents: the worker must stop (forgery, corruption, policy violation).
+    #[must_use]
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Self::SealForgery { .. }
+                | Self::Corruption { .. }
+                | Self::PolicyViolation { .. }
+                | Self::WorkerStopped { .. }
+        )
+    }
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = VramError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retriable_and_fatal_are_disjoint_and_classify_the_seed_cases() {
+        let retriable = VramError::InsufficientVram {
+            gpu: 0,
+            needed: 2,
+            available: 1,
+        };
+        assert!(retriable.is_retriable());
+        assert!(!retriable.is_fatal());
+        let forgery = VramError::SealForgery {
+            shard_id: ShardId::generate(),
+        };
+        assert!(forgery.is_fatal());
+        assert!(!forgery.is_retriable());
+        assert!(!VramError::EmptyModel.is_fatal());
+        assert!(!VramError::EmptyModel.is_retriable());
+    }
+
+    #[test]
+    fn insufficient_vram_message_is_actionable_rp_004() {
+        let msg = VramError::InsufficientVram {
+            gpu: 1,
+            needed: 100,
+            available: 40,
+        }
+        .to_string();
+        assert!(msg.contains("100 bytes needed"), "{msg}");
+        assert!(msg.contains("40 bytes available"), "{msg}");
+        assert!(msg.contains("evict"), "{msg}");
+    }
+}

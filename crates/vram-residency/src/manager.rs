@@ -1,0 +1,622 @@
+//! The manager: the one place where shards are sealed, verified, lent and freed.
+//!
+//! ```text
+//! seal:    validate input (IV-001..005) -> admit capacity atomically (RP-001..004)
+//!          -> allocate on the device -> check residency (VP-001/003) -> stream the source in
+//!          -> digest measured where the bytes are -> compare with the expected digest
+//!          -> seal record + HMAC (CI-001/002) -> audit VramSealed
+//! verify:  HMAC, constant time (CI-003) -> residency -> digest re-measured -> compare
+//!          forgery or corruption -> audit critical -> worker Stopped (WORKER-4122)
+//! execute: verify (CI-007) -> lend the weights to a closure for one call
+//! ```
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
+use crate::backend::{Backend, BackendKind, DeviceInfo, Residency, Weights};
+use crate::capacity::{Capacity, CapacityLedger};
+use crate::digest::Digest;
+use crate::error::{Result, VramError};
+use crate::keys::{KeySet, WorkerToken};
+use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
+use crate::shard::{SealedShard, ShardId, from_unix_nanos, unix_nanos};
+
+/// Default maximum model size: 100 GB (IV-001, RP-003).
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 100_000_000_000;
+
+/// Manager settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManagerConfig {
+    /// Largest shard accepted, in bytes (RP-003). Default 100 GB.
+    pub max_model_bytes: u64,
+    /// Bytes kept free on every device (for activations, KV cache, the driver). Default 0.
+    pub headroom_bytes: u64,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
+            headroom_bytes: 0,
+        }
+    }
+}
+
+/// Progress callback: receives the number of bytes uploaded so far.
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Per-seal options. `SealOptions::default()` is a single-shard model with a generated id.
+#[derive(Clone)]
+pub struct SealOptions {
+    /// Caller-chosen id (validated, IV-003); generated when `None`.
+    pub shard_id: Option<ShardId>,
+    /// When set, the digest measured in device memory must equal it, or nothing is sealed.
+    pub expected_digest: Option<Digest>,
+    /// Caller's name for the model (at most 1024 bytes, no control characters).
+    pub model_ref: String,
+    /// Index of this shard in its model.
+    pub shard_index: u32,
+    /// Number of shards in the model (>= 1).
+    pub total_shards: u32,
+    /// Digest of the model's tensor table, when its format is known.
+    pub tensor_table_digest: Option<[u8; 32]>,
+    /// Called with the running byte count during the upload.
+    pub progress: Option<Progress>,
+}
+
+impl Default for SealOptions {
+    fn default() -> Self {
+        Self {
+            shard_id: None,
+            expected_digest: None,
+            model_ref: String::new(),
+            shard_index: 0,
+            total_shards: 1,
+            tensor_table_digest: None,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SealOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealOptions")
+            .field("shard_id", &self.shard_id)
+            .field("expected_digest", &self.expected_digest)
+            .field("model_ref", &self.model_ref)
+            .field("shard_index", &self.shard_index)
+            .field("total_shards", &self.total_shards)
+            .field("progress", &self.progress.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The worker's state (WORKER-4122).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Normal operation.
+    Running,
+    /// Stopped after a security incident: no seals or executions until restart.
+    Stopped {
+        /// What stopped it.
+        reason: String,
+    },
+}
+
+/// What a successful verification measured.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Shard verified.
+    pub shard_id: ShardId,
+    /// Digest re-measured in device memory (equal to the sealed one).
+    pub digest: Digest,
+    /// Bytes re-hashed.
+    pub vram_bytes: u64,
+    /// Wall time of the whole verification (HMAC, residency check, digest).
+    #[serde(serialize_with = "serialize_nanos")]
+    pub elapsed: Duration,
+    /// Backend.
+    pub backend: BackendKind,
+}
+
+fn serialize_nanos<S: serde::Serializer>(
+    d: &Duration,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Seals model shards into device memory and keeps them honest. `Send + Sync`: share it behind an
+/// `Arc` across threads.
+pub struct VramManager {
+    id: u64,
+    keys: KeySet,
+    backend: Arc<dyn Backend>,
+    devices: Vec<DeviceInfo>,
+    ledger: Arc<CapacityLedger>,
+    config: ManagerConfig,
+    sink: Arc<dyn AuditSink>,
+    state: Mutex<WorkerState>,
+}
+
+impl std::fmt::Debug for VramManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VramManager")
+            .field("backend", &self.backend.kind())
+            .field("devices", &self.devices.len())
+            .field("config", &self.config)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VramManager {
+    /// A manager with default settings and no audit sink beyond `tracing`.
+    ///
+    /// # Errors
+    /// As [`with_config`](Self::with_config).
+    pub fn new_with_token(token: &WorkerToken, backend: Arc<dyn Backend>) -> Result<Self> {
+        Self::with_config(
+            token,
+            backend,
+            ManagerConfig::default(),
+            Arc::new(NoAuditSink),
+        )
+    }
+
+    /// A manager over `backend`, with keys derived from `token`.
+    ///
+    /// # Errors
+    /// Backend errors from the device query; [`VramError::BackendUnavailable`] when the backend has
+    /// no device.
+    pub fn with_config(
+        token: &WorkerToken,
+        backend: Arc<dyn Backend>,
+        config: ManagerConfig,
+        sink: Arc<dyn AuditSink>,
+    ) -> Result<Self> {
+        let devices = backend.devices()?;
+        if devices.is_empty() {
+            return Err(VramError::BackendUnavailable {
+                backend: backend.kind().name(),
+                reason: "no device found".to_owned(),
+            });
+        }
+        let totals: Vec<u64> = devices.iter().map(|d| d.total_bytes).collect();
+        let mut id = [0u8; 8];
+        if getrandom::fill(&mut id).is_err() {
+            id = unix_nanos(SystemTime::now()).to_be_bytes();
+        }
+        Ok(Self {
+            id: u64::from_be_bytes(id),
+            keys: token.derive_keys(),
+            backend,
+            devices,
+            ledger: CapacityLedger::new(&totals, config.headroom_bytes),
+            config,
+            sink,
+            state: Mutex::new(WorkerState::Running),
+        })
+    }
+
+    /// The backend's kind (`cuda` or `sim`).
+    #[must_use]
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    /// The devices found at start.
+    #[must_use]
+    pub fn devices(&self) -> &[DeviceInfo] {
+        &self.devices
+    }
+
+    /// The settings.
+    #[must_use]
+    pub const fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// The derived keys (for the audit log and attestations of the embedding service).
+    #[must_use]
+    pub const fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    /// Current worker state.
+    #[must_use]
+    pub fn state(&self) -> WorkerState {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Capacity snapshot of device `gpu`.
+    ///
+    /// # Errors
+    /// [`VramError::InvalidGpuIndex`].
+    pub fn capacity(&self, gpu: u32) -> Result<Capacity> {
+        self.ledger.capacity(gpu)
+    }
+
+    /// Device capacity in bytes.
+    ///
+    /// # Errors
+    /// [`VramError::InvalidGpuIndex`].
+    pub fn total_vram(&self, gpu: u32) -> Result<u64> {
+        Ok(self.capacity(gpu)?.total)
+    }
+
+    /// Bytes admitted on `gpu`.
+    ///
+    /// # Errors
+    /// [`VramError::InvalidGpuIndex`].
+    pub fn used_vram(&self, gpu: u32) -> Result<u64> {
+        Ok(self.capacity(gpu)?.used)
+    }
+
+    /// Bytes that can still be admitted on `gpu` (after headroom).
+    ///
+    /// # Errors
+    /// [`VramError::InvalidGpuIndex`].
+    pub fn available_vram(&self, gpu: u32) -> Result<u64> {
+        Ok(self.capacity(gpu)?.available)
+    }
+
+    /// Seals an in-memory model as a single shard with default options.
+    ///
+    /// # Errors
+    /// See [`seal_reader`](Self::seal_reader).
+    pub fn seal_model(&self, bytes: &[u8], gpu: u32) -> Result<SealedShard> {
+        self.seal_model_with(bytes, gpu, &SealOptions::default())
+    }
+
+    /// Seals an in-memory model.
+    ///
+    /// # Errors
+    /// See [`seal_reader`](Self::seal_reader).
+    pub fn seal_model_with(
+        &self,
+        bytes: &[u8],
+        gpu: u32,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
+        let mut source = bytes;
+        self.seal_reader(&mut source, bytes.len() as u64, gpu, opts)
+    }
+
+    /// Seals a model file, streamed into device memory with bounded host memory. The file must be a
+    /// regular file and must not change while it is read.
+    ///
+    /// # Errors
+    /// [`VramError::Io`] when it cannot be read, [`VramError::SourceChanged`] when it changed during
+    /// the upload; otherwise see [`seal_reader`](Self::seal_reader).
+    pub fn seal_file(&self, path: &Path, gpu: u32, opts: &SealOptions) -> Result<SealedShard> {
+        let io = |source| VramError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let before = file.metadata().map_err(io)?;
+        if !before.is_file() {
+            return Err(VramError::InvalidInput {
+                field: "model path",
+                reason: format!("{} is not a regular file", path.display()),
+            });
+        }
+        let shard = self.seal_reader(&mut file, before.len(), gpu, opts)?;
+        let after = file.metadata().map_err(io)?;
+        if after.len() != before.len() || after.modified().ok() != before.modified().ok() {
+            // Dropping the shard frees its memory and capacity.
+            return Err(VramError::SourceChanged {
+                expected: before.len(),
+                actual: after.len(),
+            });
+        }
+        Ok(shard)
+    }
+
+    /// Seals `len` bytes read from `source` onto device `gpu`.
+    ///
+    /// # Errors
+    /// Input errors ([`VramError::EmptyModel`], [`VramError::ModelTooLarge`],
+    /// [`VramError::InvalidGpuIndex`], [`VramError::InvalidShardId`], [`VramError::InvalidInput`]),
+    /// admission errors ([`VramError::DuplicateShardId`], [`VramError::InsufficientVram`]), backend
+    /// errors, [`VramError::SourceChanged`], [`VramError::DigestMismatch`],
+    /// [`VramError::WorkerStopped`]. On any error nothing stays allocated or reserved.
+    pub fn seal_reader(
+        &self,
+        source: &mut dyn Read,
+        len: u64,
+        gpu: u32,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
+        self.ensure_running()?;
+        if len == 0 {
+            return Err(VramError::EmptyModel);
+        }
+        if len > self.config.max_model_bytes {
+            return Err(VramError::ModelTooLarge {
+                size: len,
+                max: self.config.max_model_bytes,
+            });
+        }
+        let device = self.device(gpu)?;
+        validate_model_ref(&opts.model_ref)?;
+        validate_shard_position(opts.shard_index, opts.total_shards)?;
+        let shard_id = opts.shard_id.clone().unwrap_or_else(ShardId::generate);
+
+        let reservation = self
+            .ledger
+            .reserve(gpu, len, &shard_id)
+            .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
+        let mut buffer = self
+            .backend
+            .allocate(gpu, len)
+            .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
+        self.check_residency(gpu, buffer.residency()?)?;
+        let capacity = self.ledger.capacity(gpu)?;
+        self.audit(AuditEvent::VramAllocated {
+            shard_id: shard_id.clone(),
+            gpu,
+            bytes: len,
+            used_after: capacity.used,
+            total: capacity.total,
+        })?;
+
+        let mut progress = |n: u64| {
+            if let Some(report) = &opts.progress {
+                report(n);
+            }
+        };
+        buffer.upload(source, &mut progress)?;
+        // The digest is measured where the bytes now are, not from the host bytes we sent.
+        let tree = buffer.tree_digest()?;
+        if let Some(expected) = opts.expected_digest
+            && expected != tree.digest()
+        {
+            return Err(VramError::DigestMismatch {
+                expected,
+                actual: tree.digest(),
+            });
+        }
+
+        let sealed_at_ns = unix_nanos(SystemTime::now());
+        let record = SealRecord {
+            shard_id,
+            digest: tree.digest(),
+            vram_bytes: len,
+            gpu_device: gpu,
+            device_uuid: device.uuid,
+            sealed_at_ns,
+            backend: self.backend.kind(),
+            model_ref: opts.model_ref.clone(),
+            shard_index: opts.shard_index,
+            total_shards: opts.total_shards,
+            tensor_table_digest: opts.tensor_table_digest,
+        };
+        let tag = record.sign(&self.keys.seal)?;
+        let shard = SealedShard {
+            shard_id: record.shard_id,
+            gpu_device: gpu,
+            vram_bytes: len,
+            digest: record.digest,
+            sealed_at: from_unix_nanos(sealed_at_ns),
+            model_ref: record.model_ref,
+            shard_index: record.shard_index,
+            total_shards: record.total_shards,
+            device_uuid: record.device_uuid,
+            backend: record.backend,
+            tensor_table_digest: record.tensor_table_digest,
+            tag,
+            sealed_tree: tree,
+            manager_id: self.id,
+            buffer,
+            _reservation: reservation,
+        };
+        // Fails closed: if the seal cannot be audited, the shard is dropped (memory freed).
+        self.audit(AuditEvent::VramSealed {
+            shard_id: shard.shard_id.clone(),
+            gpu,
+            vram_bytes: len,
+            digest: shard.digest,
+            model_ref: shard.model_ref.clone(),
+        })?;
+        Ok(shard)
+    }
+
+    /// Verifies a shard: the seal's HMAC in constant time, the residency of its memory, and its
+    /// digest re-measured in device memory. Allowed in the `Stopped` state (for diagnosis).
+    ///
+    /// # Errors
+    /// [`VramError::SealForgery`] when the record or tag was altered; [`VramError::Corruption`] (with
+    /// the damaged 512 KiB ranges) when the bytes changed; [`VramError::PolicyViolation`]. Each of
+    /// these is audited as critical and stops the worker. [`VramError::ForeignShard`] for a handle
+    /// from another manager.
+    pub fn verify_sealed(&self, shard: &SealedShard) -> Result<VerifyReport> {
+        let started = Instant::now();
+        self.check_owner(shard)?;
+        if shard.record().verify(&self.keys.seal, &shard.tag).is_err() {
+            return Err(self.incident(
+                AuditEvent::SealVerificationFailed {
+                    shard_id: shard.shard_id.clone(),
+                    gpu: shard.gpu_device,
+                    kind: FailureKind::Forgery,
+                    damaged: Vec::new(),
+                },
+                VramError::SealForgery {
+                    shard_id: shard.shard_id.clone(),
+                },
+            ));
+        }
+        self.check_residency(shard.gpu_device, shard.buffer.residency()?)?;
+        let now = shard.buffer.tree_digest()?;
+        if now.digest() != shard.digest {
+            let damaged = shard.sealed_tree.damaged_ranges(&now);
+            return Err(self.incident(
+                AuditEvent::SealVerificationFailed {
+                    shard_id: shard.shard_id.clone(),
+                    gpu: shard.gpu_device,
+                    kind: FailureKind::Corruption,
+                    damaged: damaged.clone(),
+                },
+                VramError::Corruption {
+                    shard_id: shard.shard_id.clone(),
+                    damaged,
+                },
+            ));
+        }
+        self.audit(AuditEvent::SealVerified {
+            shard_id: shard.shard_id.clone(),
+            gpu: shard.gpu_device,
+            vram_bytes: shard.vram_bytes,
+        })?;
+        Ok(VerifyReport {
+            shard_id: shard.shard_id.clone(),
+            digest: now.digest(),
+            vram_bytes: shard.vram_bytes,
+            elapsed: started.elapsed(),
+            backend: shard.backend,
+        })
+    }
+
+    /// Verifies the shard (CI-007) and then lends its weights to `run` for one call. The borrow cannot
+    /// outlive the call. This is the only way to reach a shard's device memory.
+    ///
+    /// # Errors
+    /// [`VramError::WorkerStopped`], or any error of [`verify_sealed`](Self::verify_sealed).
+    pub fn execute<R>(&self, shard: &SealedShard, run: impl FnOnce(Weights<'_>) -> R) -> Result<R> {
+        self.ensure_running()?;
+        self.verify_sealed(shard)?;
+        let weights = shard.buffer.weights()?;
+        Ok(run(weights))
+    }
+
+    /// Frees a shard after checking that it is this manager's and that its seal is intact
+    /// (identity by shard id and seal, never by address). Audited (RP-005).
+    ///
+    /// The memory is freed in every case, since the handle is consumed; a handle that fails the
+    /// check is reported (a forged one as a critical incident) rather than silently released.
+    ///
+    /// # Errors
+    /// [`VramError::ForeignShard`] or [`VramError::SealForgery`].
+    pub fn deallocate(&self, shard: SealedShard) -> Result<()> {
+        self.check_owner(&shard)?;
+        if shard.record().verify(&self.keys.seal, &shard.tag).is_err() {
+            return Err(self.incident(
+                AuditEvent::SealVerificationFailed {
+                    shard_id: shard.shard_id.clone(),
+                    gpu: shard.gpu_device,
+                    kind: FailureKind::Forgery,
+                    damaged: Vec::new(),
+                },
+                VramError::SealForgery {
+                    shard_id: shard.shard_id.clone(),
+                },
+            ));
+        }
+        let event = AuditEvent::VramDeallocated {
+            shard_id: shard.shard_id.clone(),
+            gpu: shard.gpu_device,
+            bytes: shard.vram_bytes,
+        };
+        drop(shard);
+        self.audit(event)
+    }
+
+    fn device(&self, gpu: u32) -> Result<&DeviceInfo> {
+        let count = u32::try_from(self.devices.len()).unwrap_or(u32::MAX);
+        usize::try_from(gpu)
+            .ok()
+            .and_then(|i| self.devices.get(i))
+            .ok_or(VramError::InvalidGpuIndex { gpu, count })
+    }
+
+    fn check_owner(&self, shard: &SealedShard) -> Result<()> {
+        if shard.manager_id == self.id {
+            Ok(())
+        } else {
+            Err(VramError::ForeignShard {
+                shard_id: shard.shard_id.clone(),
+            })
+        }
+    }
+
+    fn ensure_running(&self) -> Result<()> {
+        match self.state() {
+            WorkerState::Running => Ok(()),
+            WorkerState::Stopped { reason } => Err(VramError::WorkerStopped { reason }),
+        }
+    }
+
+    fn check_residency(&self, gpu: u32, residency: Residency) -> Result<()> {
+        match residency {
+            Residency::DeviceMemory | Residency::Simulated => Ok(()),
+            Residency::Violation(reason) => Err(self.incident(
+                AuditEvent::PolicyViolation {
+                    gpu,
+                    reason: reason.clone(),
+                },
+                VramError::PolicyViolation { reason },
+            )),
+        }
+    }
+
+    /// Records a critical event, moves the worker to `Stopped` and hands back `error`.
+    fn incident(&self, event: AuditEvent, error: VramError) -> VramError {
+        self.audit_best_effort(event);
+        let newly_stopped = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if *state == WorkerState::Running {
+                *state = WorkerState::Stopped {
+                    reason: error.to_string(),
+                };
+                true
+            } else {
+                false
+            }
+        };
+        if newly_stopped {
+            self.audit_best_effort(AuditEvent::WorkerStopped {
+                reason: error.to_string(),
+            });
+        }
+        error
+    }
+
+    fn allocation_failed(&self, gpu: u32, requested: u64, error: &VramError) {
+        self.audit_best_effort(AuditEvent::VramAllocationFailed {
+            gpu,
+            requested,
+            reason: error.to_string(),
+        });
+    }
+
+    fn entry(&self, event: AuditEvent) -> AuditEntry {
+        AuditEntry {
+            at_ns: unix_nanos(SystemTime::now()),
+            backend: self.backend.kind(),
+            severity: event.severity(),
+            event,
+        }
+    }
+
+    /// Traces and records; a sink failure is returned (fail closed).
+    fn audit(&self, event: AuditEvent) -> Result<()> {
+        let entry = self.entry(event);
+        crate::audit::trace(&entry);
+        self.sink.record(&entry)
+    }
+
+    /// Traces and records; a sink failure is only traced (the original error matters more).
+    fn audit_best_effort(&self, event: AuditEvent) {
+        if let Err(error) = self.audit(event) {
+            tracing::error!(%error, "audit sink failed while recording a failure event");
+        }
+    }
+}
