@@ -256,6 +256,22 @@ pub fn level1_hash(unit: &[u8]) -> Hash32 {
     hash_block_hash(block_hashes.iter())
 }
 
+/// The level-1 hashes of `chunk`, which starts at a 512 KiB boundary of the input.
+///
+/// fs-verity's tree over a single data block is empty: the root hash is that block's hash. So when
+/// `chunk` is the entire input and at most one block long, its one "level-1" hash is the data block's
+/// hash, which then becomes the root. Otherwise each 512 KiB unit gives [`level1_hash`].
+#[must_use]
+pub fn level1_hashes(chunk: &[u8], is_entire_input: bool) -> Vec<Hash32> {
+    if is_entire_input && chunk.len() <= BLOCK_SIZE {
+        if chunk.is_empty() {
+            return Vec::new();
+        }
+        return vec![data_block_hash(chunk)];
+    }
+    chunk.par_chunks(LEVEL1_SPAN).map(level1_hash).collect()
+}
+
 /// Hashes the levels above level 1 until one hash remains. All zeros for an empty list (empty file).
 fn root_from_level1(level1: &[Hash32]) -> Hash32 {
     let mut level: Vec<Hash32> = level1.to_vec();
@@ -289,7 +305,7 @@ fn descriptor_digest(root_hash: &Hash32, data_size: u64) -> Digest {
 /// # Errors
 /// Only on size overflow (inputs over 16 EiB), which cannot happen for a real slice.
 pub fn digest_bytes(data: &[u8]) -> Result<TreeDigest> {
-    let level1: Vec<Hash32> = data.par_chunks(LEVEL1_SPAN).map(level1_hash).collect();
+    let level1 = level1_hashes(data, true);
     let size = u64::try_from(data.len()).map_err(|_| VramError::Overflow {
         context: "digest size",
     })?;
@@ -310,7 +326,9 @@ pub fn digest_reader<R: Read + Send>(
     let mut level1: Vec<Hash32> = Vec::new();
     let mut total: u64 = 0;
     stream_chunks(reader, name, STREAM_CHUNK, &mut |chunk| {
-        level1.par_extend(chunk.par_chunks(LEVEL1_SPAN).map(level1_hash));
+        // Every chunk but the last is full, so a short first chunk is the entire input.
+        let is_entire_input = total == 0 && chunk.len() < STREAM_CHUNK;
+        level1.extend(level1_hashes(chunk, is_entire_input));
         total = total.saturating_add(chunk.len() as u64);
         progress(total);
         Ok(())
@@ -427,16 +445,13 @@ mod tests {
             return [0; 32];
         }
         let mut level: Vec<Hash32> = data.chunks(BLOCK_SIZE).map(data_block_hash).collect();
-        loop {
-            let next: Vec<Hash32> = level
+        while level.len() > 1 {
+            level = level
                 .chunks(HASHES_PER_BLOCK)
                 .map(|c| hash_block_hash(c.iter()))
                 .collect();
-            if next.len() == 1 {
-                return next[0];
-            }
-            level = next;
         }
+        level[0]
     }
 
     #[test]
@@ -462,6 +477,9 @@ mod tests {
             let tree = digest_bytes(&data).unwrap();
             assert_eq!(tree.root_hash(), &reference_root(&data), "len {len}");
             assert_eq!(tree.level1().len(), len.div_ceil(LEVEL1_SPAN));
+            let mut streamed_size = 0;
+            let streamed = digest_reader(&data[..], "mem".as_ref(), &mut |n| streamed_size = n);
+            assert_eq!(streamed.unwrap(), tree, "len {len}");
         }
     }
 

@@ -1,0 +1,282 @@
+//! Arguments and the `digest` and `seal` subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use vram_residency::keys::TOKEN_ENV;
+use vram_residency::{
+    BackendKind, Digest, ManagerConfig, NoAuditSink, SealOptions, ShardId, VramManager,
+    WorkerToken, digest,
+};
+
+use crate::backends::{self, SimSettings};
+use crate::progress;
+
+/// Sealed, VRAM-resident model weights.
+#[derive(Debug, Parser)]
+#[command(name = "vram-residency", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output on stderr (-v: audit events, -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the fs-verity digest of each FILE, exactly as `fsverity digest FILE...` does.
+    Digest {
+        /// Files to digest.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Seal a model file into device memory and print its seal record.
+    Seal(SealArgs),
+    /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
+    /// verification catches it and the worker stops.
+    Demo(DemoArgs),
+}
+
+/// Options shared by the commands that open a backend.
+#[derive(Debug, Args)]
+pub struct BackendArgs {
+    /// Backend: `cuda` (real VRAM, the default) or `sim` (host memory; NOT residency).
+    #[arg(long, default_value = "cuda", value_parser = parse_backend)]
+    pub backend: BackendKind,
+    /// Number of simulated devices (sim only).
+    #[arg(long, default_value_t = 1)]
+    pub sim_devices: u32,
+    /// Memory per simulated device, e.g. 4GiB (sim only).
+    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+    pub sim_vram: u64,
+    /// Bytes kept free on each device, e.g. 512MiB.
+    #[arg(long, default_value = "0", value_parser = parse_bytes)]
+    pub headroom: u64,
+    /// Largest model accepted, e.g. 100GB.
+    #[arg(long, default_value = "100GB", value_parser = parse_bytes)]
+    pub max_model_bytes: u64,
+}
+
+impl BackendArgs {
+    fn sim(&self) -> SimSettings {
+        SimSettings {
+            devices: self.sim_devices,
+            bytes_per_device: self.sim_vram,
+        }
+    }
+
+    fn manager_config(&self) -> ManagerConfig {
+        ManagerConfig {
+            max_model_bytes: self.max_model_bytes,
+            headroom_bytes: self.headroom,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    /// Model file to seal.
+    pub file: PathBuf,
+    /// File holding the worker token (else the VRAM_RESIDENCY_TOKEN environment variable). The token
+    /// is never accepted on the command line.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Device index.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: u32,
+    /// Shard id (1-256 characters of A-Z a-z 0-9 - _); generated when absent.
+    #[arg(long, value_parser = parse_shard_id)]
+    pub shard_id: Option<ShardId>,
+    /// Refuse to seal unless the digest measured in device memory is this (sha256:<64 hex>).
+    #[arg(long, value_parser = parse_digest)]
+    pub expect: Option<Digest>,
+    /// Caller's name for the model, recorded in the seal.
+    #[arg(long, default_value = "")]
+    pub model_ref: String,
+    /// Index of this shard in its model.
+    #[arg(long, default_value_t = 0)]
+    pub shard_index: u32,
+    /// Number of shards in the model.
+    #[arg(long, default_value_t = 1)]
+    pub total_shards: u32,
+    /// Print the seal record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Size of the synthetic model, e.g. 256MiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub size: u64,
+    /// Backend: `cuda` when present, otherwise `sim`; or name one.
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<BackendKind>,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse()
+        .map_err(|e: vram_residency::VramError| e.to_string())
+}
+
+fn parse_shard_id(s: &str) -> Result<ShardId, String> {
+    ShardId::new(s).map_err(|e| e.to_string())
+}
+
+fn parse_digest(s: &str) -> Result<Digest, String> {
+    s.parse()
+        .map_err(|e: vram_residency::VramError| e.to_string())
+}
+
+/// Parses a byte count: a plain number, or a number with B, KB/MB/GB/TB (powers of 1000) or
+/// KiB/MiB/GiB/TiB (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (examples: 4096, 64MiB, 100GB)"))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1000,
+        "MB" => 1000_u64.pow(2),
+        "GB" => 1000_u64.pow(3),
+        "TB" => 1000_u64.pow(4),
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Reads the worker token from `--token-file` or the environment, never from argv.
+pub fn load_token(token_file: Option<&Path>) -> anyhow::Result<WorkerToken> {
+    match token_file {
+        Some(path) => WorkerToken::from_file(path)
+            .with_context(|| format!("reading the worker token from {}", path.display())),
+        None => match std::env::var_os(TOKEN_ENV) {
+            Some(_) => WorkerToken::from_env(TOKEN_ENV)
+                .with_context(|| format!("reading the worker token from ${TOKEN_ENV}")),
+            None => anyhow::bail!(
+                "no worker token: pass --token-file FILE or set {TOKEN_ENV} (the token is never \
+                 accepted on the command line)"
+            ),
+        },
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Digest { files } => digest_files(&files),
+        Command::Seal(args) => seal(&args),
+        Command::Demo(args) => crate::demo::run(&args),
+    }
+}
+
+fn digest_files(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for file in files {
+        let total = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        let bar = progress::bytes_bar(total, "digest");
+        match digest::digest_file(file, &mut |n| bar.set_position(n)) {
+            Ok(tree) => {
+                bar.finish_and_clear();
+                println!("{} {}", tree.digest(), file.display());
+            }
+            Err(error) => {
+                bar.finish_and_clear();
+                eprintln!("error: {error}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
+    let token = load_token(args.token_file.as_deref())?;
+    let backend = backends::open(args.backend.backend, args.backend.sim())?;
+    let manager = VramManager::with_config(
+        &token,
+        backend,
+        args.backend.manager_config(),
+        Arc::new(NoAuditSink),
+    )?;
+    drop(token);
+    let total = std::fs::metadata(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?
+        .len();
+    let bar = progress::bytes_bar(total, "seal");
+    let opts = SealOptions {
+        shard_id: args.shard_id.clone(),
+        expected_digest: args.expect,
+        model_ref: args.model_ref.clone(),
+        shard_index: args.shard_index,
+        total_shards: args.total_shards,
+        tensor_table_digest: None,
+        progress: Some(progress::callback(&bar)),
+    };
+    let shard = manager.seal_file(&args.file, args.gpu, &opts);
+    bar.finish_and_clear();
+    let shard = shard?;
+    let view = shard.view();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        if view.backend == BackendKind::Sim {
+            println!("backend: sim  (simulated device memory in host RAM: NOT VRAM residency)");
+        } else {
+            println!("backend: {}", view.backend);
+        }
+        println!("shard_id: {}", view.shard_id);
+        println!("file: {}", args.file.display());
+        println!("digest: {}", view.digest);
+        println!("vram_bytes: {}", view.vram_bytes);
+        println!("gpu_device: {}", view.gpu_device);
+        println!("device_uuid: {}", view.device_uuid);
+        println!("sealed_at: {}", view.sealed_at);
+        println!("model_ref: {}", view.model_ref);
+        println!("shard: {} of {}", view.shard_index, view.total_shards);
+        println!("seal_version: {}", view.seal_version);
+        println!("seal_tag: hmac-sha256:{}", view.seal_tag);
+    }
+    manager.deallocate(shard)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_parse_with_units_and_reject_garbage() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("100GB"), Ok(100_000_000_000));
+        assert!(parse_bytes("12XB").is_err());
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! The `vram-residency` binary: seal, demo and bad input, run as a user would.
+
+use std::process::Output;
+
+use crate::support::{TEST_TOKEN, bin, random_bytes};
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        std::fs::write(dir.path().join("model.bin"), random_bytes(1_000_003, 11)).unwrap();
+        Self { dir }
+    }
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[test]
+fn seal_json_prints_a_sim_labelled_record_with_the_fsverity_digest() {
+    let f = Fixture::new();
+    let expected = vram_residency::digest::digest_bytes(&random_bytes(1_000_003, 11))
+        .unwrap()
+        .digest()
+        .to_string();
+    let out = bin()
+        .args([
+            "seal",
+            &f.path("model.bin"),
+            "--token-file",
+            &f.path("token"),
+        ])
+        .args([
+            "--backend",
+            "sim",
+            "--json",
+            "--shard-id",
+            "m-0",
+            "--model-ref",
+            "test/model",
+        ])
+        .args(["--expect", &expected])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["backend"], "sim");
+    assert_eq!(json["digest"], expected.as_str());
+    assert_eq!(json["shard_id"], "m-0");
+    assert_eq!(json["vram_bytes"], 1_000_003);
+    assert_eq!(json["model_ref"], "test/model");
+    assert_eq!(json["seal_tag"].as_str().unwrap().len(), 64);
+    assert!(!stdout.contains(TEST_TOKEN) && !stderr.contains(TEST_TOKEN));
+}
+
+#[test]
+fn seal_human_output_says_sim_is_not_residency() {
+    let f = Fixture::new();
+    let out = bin()
+        .args(["seal", &f.path("model.bin"), "--backend", "sim"])
+        .env("VRAM_RESIDENCY_TOKEN", TEST_TOKEN)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("backend: sim"), "{stdout}");
+    assert!(stdout.contains("NOT VRAM residency"), "{stdout}");
+}
+
+#[test]
+fn seal_refuses_bad_input_with_clear_errors() {
+    let f = Fixture::new();
+    std::fs::write(f.path("short-token"), "tooshort\n").unwrap();
+    std::fs::write(f.path("empty.bin"), b"").unwrap();
+    let model = f.path("model.bin");
+    let token = f.path("token");
+    let short_token = f.path("short-token");
+    let empty = f.path("empty.bin");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["seal", &model, "--backend", "sim"], "no worker token"),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                "/nonexistent/token",
+            ],
+            "/nonexistent/token",
+        ),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &short_token,
+            ],
+            "at least 32",
+        ),
+        (
+            vec!["seal", &model, "--backend", "rocm", "--token-file", &token],
+            "unknown backend",
+        ),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &token,
+                "--shard-id",
+                "../x",
+            ],
+            "invalid shard id",
+        ),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &token,
+                "--expect",
+                "sha256:abc",
+            ],
+            "64 hex",
+        ),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &token,
+                "--gpu",
+                "3",
+            ],
+            "out of range",
+        ),
+        (
+            vec!["seal", &empty, "--backend", "sim", "--token-file", &token],
+            "empty",
+        ),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &token,
+                "--max-model-bytes",
+                "1000",
+            ],
+            "over the configured maximum",
+        ),
+        (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &token,
+                "--sim-vram",
+                "1MB",
+            ],
+            "not enough VRAM",
+        ),
+        (vec!["seal", &model, "--token-file", &token], "CUDA backend"),
+    ];
+    for (args, needle) in cases {
+        let out = bin()
+            .args(&args)
+            .env_remove("VRAM_RESIDENCY_TOKEN")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?} should fail: {stdout}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in: {stderr}"
+        );
+        assert!(!stderr.contains(TEST_TOKEN), "token leaked: {stderr}");
+    }
+}
+
+#[test]
+fn seal_with_wrong_expected_digest_fails_and_names_both_digests() {
+    let f = Fixture::new();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = bin()
+        .args([
+            "seal",
+            &f.path("model.bin"),
+            "--backend",
+            "sim",
+            "--token-file",
+            &f.path("token"),
+        ])
+        .args(["--expect", &wrong])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("digest mismatch") && stderr.contains(&wrong),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn token_is_not_accepted_on_the_command_line_ci_006() {
+    let out = bin()
+        .args(["seal", "x", "--token", TEST_TOKEN])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!text(&out).1.contains(TEST_TOKEN));
+}
+
+#[test]
+fn demo_detects_corruption_and_stops_the_worker() {
+    let out = bin()
+        .args(["demo", "--size", "3MiB", "--json"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("backend: sim"), "{stdout}");
+    assert!(stdout.contains("DETECTED: corruption"), "{stdout}");
+    assert!(stdout.contains("seal refused: worker stopped"), "{stdout}");
+    let summary = stdout.lines().find(|l| l.starts_with('{')).unwrap();
+    let json: serde_json::Value = serde_json::from_str(summary).unwrap();
+    assert_eq!(json["backend"], "sim");
+    assert_eq!(json["corruption_detected"], true);
+}

@@ -1,0 +1,126 @@
+//! Shared helpers for the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use vram_residency::{
+    ManagerConfig, MemoryAuditSink, SimBackend, SimConfig, VramManager, WorkerToken,
+};
+
+/// The token used by the tests (32+ bytes, no whitespace).
+pub const TEST_TOKEN: &str = "test-token-0123456789abcdef0123456789";
+
+pub fn token() -> WorkerToken {
+    WorkerToken::from_bytes(TEST_TOKEN.as_bytes().to_vec()).unwrap()
+}
+
+/// The known-answer pattern: byte i = (i * 0x9E3779B97F4A7C15 mod 2^64) >> 56.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect()
+}
+
+/// Fast deterministic pseudo-random bytes (splitmix64).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub struct SimWorker {
+    pub sim: SimBackend,
+    pub manager: VramManager,
+    pub audit: Arc<MemoryAuditSink>,
+}
+
+pub fn sim_worker(devices: u32, bytes_per_device: u64, config: ManagerConfig) -> SimWorker {
+    let sim = SimBackend::new(SimConfig {
+        devices,
+        bytes_per_device,
+    });
+    let audit = Arc::new(MemoryAuditSink::default());
+    let manager =
+        VramManager::with_config(&token(), Arc::new(sim.clone()), config, audit.clone()).unwrap();
+    SimWorker {
+        sim,
+        manager,
+        audit,
+    }
+}
+
+pub fn small_worker() -> SimWorker {
+    sim_worker(2, 64 << 20, ManagerConfig::default())
+}
+
+/// The CLI binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vram-residency"))
+}
+
+pub fn data_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// Lines of a data file without comments and blank lines, split on whitespace.
+pub fn data_rows(name: &str) -> Vec<Vec<String>> {
+    std::fs::read_to_string(data_file(name))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+/// Whether the stock `fsverity` tool is installed. Missing is a failure (CI installs it), unless
+/// VRAM_RESIDENCY_SKIP_ORACLE=1, which prints "skipped" instead.
+pub fn fsverity_oracle() -> bool {
+    let present = Command::new("fsverity")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return true;
+    }
+    if std::env::var("VRAM_RESIDENCY_SKIP_ORACLE").as_deref() == Ok("1") {
+        eprintln!("skipped: fsverity (fsverity-utils) not installed");
+        return false;
+    }
+    panic!(
+        "the stock fsverity tool is required as a test oracle: apt-get install -y fsverity \
+         (or set VRAM_RESIDENCY_SKIP_ORACLE=1 to skip these tests explicitly)"
+    );
+}
+
+/// `fsverity digest FILE` → the `sha256:...` field.
+pub fn fsverity_digest(path: &Path) -> String {
+    let out = Command::new("fsverity")
+        .arg("digest")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fsverity digest failed: {out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Free bytes of a simulated device, as the backend itself reports them.
+pub fn sim_free(sim: &SimBackend, gpu: usize) -> u64 {
+    use vram_residency::Backend as _;
+    sim.devices().unwrap()[gpu].free_bytes
+}
