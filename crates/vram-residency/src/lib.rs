@@ -1,2 +1,4 @@
 //! vram-residency core library (work in progress).
 #![forbid(unsafe_code)]
+
+pub mod format;
