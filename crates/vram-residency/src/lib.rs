@@ -12,6 +12,7 @@
 //! | step | module |
 //! | --- | --- |
 //! | worker token, per-purpose keys (HKDF) | [`keys`] |
+//! | model file headers (GGUF, safetensors, raw) → tensor table | [`format`] |
 //! | input checks, capacity admission | [`shard`] (ids), [`capacity`] |
 //! | device memory (real or simulated) | [`backend`], [`sim`] |
 //! | fs-verity digest (CPU reference, streaming, parallel) | [`digest`] |
@@ -42,6 +43,7 @@ pub mod backend;
 pub mod capacity;
 pub mod digest;
 pub mod error;
+pub mod format;
 pub mod keys;
 pub mod manager;
 pub mod seal;
