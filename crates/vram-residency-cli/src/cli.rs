@@ -34,6 +34,15 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print a model file's format and tensor table (GGUF v2/v3, safetensors, or raw), read from its
+    /// header only. A malformed header is rejected with the field and byte offset.
+    Inspect {
+        /// The model file.
+        model: PathBuf,
+        /// Print the table as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seal a model file into device memory and print its seal record.
     Seal(SealArgs),
     /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
@@ -186,6 +195,7 @@ pub fn load_token(token_file: Option<&Path>) -> anyhow::Result<WorkerToken> {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Digest { files } => digest_files(&files),
+        Command::Inspect { model, json } => crate::inspect::run(&model, json),
         Command::Seal(args) => seal(&args),
         Command::Demo(args) => crate::demo::run(&args),
     }
@@ -235,7 +245,7 @@ fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
         model_ref: args.model_ref.clone(),
         shard_index: args.shard_index,
         total_shards: args.total_shards,
-        tensor_table_digest: None,
+        tensor_table: None,
         progress: Some(progress::callback(&bar)),
     };
     let shard = manager.seal_file(&args.file, args.gpu, &opts);
@@ -259,6 +269,15 @@ fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
         println!("sealed_at: {}", view.sealed_at);
         println!("model_ref: {}", view.model_ref);
         println!("shard: {} of {}", view.shard_index, view.total_shards);
+        if let Some(format) = view.format {
+            println!("format: {}", crate::inspect::format_name(format));
+        }
+        if let Some(count) = view.tensor_count {
+            println!("tensors: {count}");
+        }
+        if let Some(table) = &view.tensor_table_digest {
+            println!("tensor_table_digest: sha256:{table}");
+        }
         println!("seal_version: {}", view.seal_version);
         println!("seal_tag: hmac-sha256:{}", view.seal_tag);
     }

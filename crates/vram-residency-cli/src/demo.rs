@@ -55,9 +55,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
     step(
         1,
-        &format!("building a synthetic {} model", human(args.size)),
+        &format!(
+            "building a synthetic {} safetensors model (8 F32 tensors)",
+            human(args.size)
+        ),
     );
-    let model = synthetic_model(size);
+    let model = synthetic_model(size)?;
+    let data_offset = model.data_offset;
+    let model = model.bytes;
 
     step(
         2,
@@ -84,6 +89,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     detail(&format!("backend: {}", view.backend));
     detail(&format!("digest: {}", view.digest));
     detail(&format!("seal_tag: hmac-sha256:{}", view.seal_tag));
+    if let (Some(format), Some(count)) = (view.format, view.tensor_count) {
+        detail(&format!(
+            "format: {} with {count} tensors; tensor table sealed too",
+            crate::inspect::format_name(format)
+        ));
+    }
     detail(&format!(
         "used {} of {} on device 0",
         human(manager.used_vram(0)?),
@@ -119,8 +130,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         first_bytes.unwrap_or_else(|| "(device memory)".to_owned())
     ));
 
-    let bit = random_below(args.size.saturating_mul(8))?;
+    let model_len = shard.vram_bytes;
+    let bit = data_offset.saturating_mul(8).saturating_add(random_below(
+        model_len.saturating_sub(data_offset).saturating_mul(8),
+    )?);
     let byte = bit / 8;
+    let expected_tensor = shard.tensor_table().and_then(|t| {
+        t.tensors_in_range(byte, byte.saturating_add(1))
+            .first()
+            .map(|t| t.name.clone())
+    });
     step(
         5,
         &format!(
@@ -133,10 +152,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     step(6, "verifying again");
     let mut ok = true;
     match manager.verify_sealed(&shard) {
-        Err(VramError::Corruption { damaged, .. }) => {
+        Err(VramError::Corruption {
+            damaged, tensors, ..
+        }) => {
             detail("DETECTED: corruption (the seal is authentic, the bytes changed)");
             for range in &damaged {
                 detail(&format!("damaged range: bytes {range}"));
+            }
+            detail(&format!("damaged tensor(s): {}", tensors.join(", ")));
+            if let Some(name) = &expected_tensor
+                && !tensors.contains(name)
+            {
+                detail(&format!(
+                    "UNEXPECTED: the flipped byte lies in {name}, which is not named"
+                ));
+                ok = false;
             }
             let named = damaged.iter().any(|r| {
                 r.start <= byte
@@ -269,19 +299,50 @@ fn random_below(n: u64) -> anyhow::Result<u64> {
     Ok(u64::from_le_bytes(raw).checked_rem(n).unwrap_or(0))
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), so repeated demos seal the same digest.
-fn synthetic_model(len: usize) -> Vec<u8> {
+/// A synthetic safetensors model of about `len` bytes.
+struct SyntheticModel {
+    bytes: Vec<u8>,
+    data_offset: u64,
+}
+
+/// Eight F32 tensors filling about `len` bytes, with deterministic pseudo-random weights (xorshift64*),
+/// so repeated demos seal the same digest.
+fn synthetic_model(len: usize) -> anyhow::Result<SyntheticModel> {
+    const TENSORS: usize = 8;
+    let per_tensor = (len / TENSORS / 4).max(1);
+    let mut header = serde_json::Map::new();
+    for i in 0..TENSORS {
+        let begin = i.saturating_mul(per_tensor).saturating_mul(4);
+        let end = begin.saturating_add(per_tensor.saturating_mul(4));
+        header.insert(
+            format!("model.layers.{i}.mlp.weight"),
+            serde_json::json!({"dtype": "F32", "shape": [per_tensor], "data_offsets": [begin, end]}),
+        );
+    }
+    header.insert(
+        "__metadata__".to_owned(),
+        serde_json::json!({"format": "pt", "source": "vram-residency demo"}),
+    );
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let data_len = TENSORS.saturating_mul(per_tensor).saturating_mul(4);
+    let mut bytes = Vec::with_capacity(json.len().saturating_add(8).saturating_add(data_len));
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    let data_offset = bytes.len() as u64;
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
+    let total = bytes.len().saturating_add(data_len);
+    while bytes.len() < total {
         state ^= state >> 12;
         state ^= state << 25;
         state ^= state >> 27;
         let word = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        let take = len.saturating_sub(out.len()).min(word.len());
-        out.extend_from_slice(word.get(..take).unwrap_or_default());
+        let take = total.saturating_sub(bytes.len()).min(word.len());
+        bytes.extend_from_slice(word.get(..take).unwrap_or_default());
     }
-    out
+    Ok(SyntheticModel { bytes, data_offset })
 }
 
 fn gbps(bytes: u64, seconds: f64) -> f64 {

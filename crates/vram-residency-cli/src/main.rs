@@ -1,11 +1,13 @@
 //! `vram-residency`: the command-line tool.
 //!
-//! Subcommands: `digest` (fs-verity digests, same output as `fsverity digest`), `seal` (seal a model
-//! file and print its seal record), `demo` (the whole story in one run). See the README.
+//! Subcommands: `digest` (fs-verity digests, same output as `fsverity digest`), `inspect` (a model's
+//! tensor table), `seal` (seal a model file and print its seal record), `demo` (the whole story in one
+//! run). See the README.
 
 mod backends;
 mod cli;
 mod demo;
+mod inspect;
 mod progress;
 
 use std::process::ExitCode;

@@ -14,6 +14,8 @@
 
 #[path = "api/cli.rs"]
 mod cli;
+#[path = "api/formats.rs"]
+mod formats;
 #[path = "api/fsverity_oracle.rs"]
 mod fsverity_oracle;
 #[path = "api/manager.rs"]

@@ -73,6 +73,8 @@ pub enum AuditEvent {
         kind: FailureKind,
         /// Damaged 512 KiB ranges (corruption only).
         damaged: Vec<ByteRange>,
+        /// Tensors overlapping the damaged ranges (corruption only, when the format is known).
+        tensors: Vec<String>,
     },
     /// Device memory was admitted and allocated.
     VramAllocated {

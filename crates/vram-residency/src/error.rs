@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 use crate::digest::Digest;
+use crate::format::ModelFormatError;
 use crate::shard::ShardId;
 
 /// A byte range of a shard (`start..end`, in bytes from the start of the shard).
@@ -163,13 +164,20 @@ pub enum VramError {
     },
 
     /// The seal is authentic but the bytes in device memory no longer hash to the sealed digest.
-    #[error("VRAM corruption in shard {shard_id}: {} damaged 512 KiB range(s), first {}", damaged.len(), damaged.first().map_or_else(|| "unknown".to_owned(), ToString::to_string))]
+    #[error("VRAM corruption in shard {shard_id}: {} damaged 512 KiB range(s), first {}; tensors: {}", damaged.len(), damaged.first().map_or_else(|| "unknown".to_owned(), ToString::to_string), name_list(tensors))]
     Corruption {
         /// The corrupted shard.
         shard_id: ShardId,
         /// The 512 KiB-granular ranges whose level-1 hashes differ.
         damaged: Vec<ByteRange>,
+        /// Names of the tensors overlapping the damaged ranges (`(header)` for the file header), from
+        /// the shard's tensor table; empty when the format is unknown.
+        tensors: Vec<String>,
     },
+
+    /// The model file's header was rejected by the format reader; nothing was uploaded.
+    #[error("model header rejected: {0}")]
+    MalformedModel(#[from] ModelFormatError),
 
     /// The worker stopped after a security incident; no seals or executions until restart (WORKER-4122).
     #[error(
@@ -254,6 +262,20 @@ impl VramError {
                 | Self::PolicyViolation { .. }
                 | Self::WorkerStopped { .. }
         )
+    }
+}
+
+/// At most five names, then a count of the rest.
+fn name_list(names: &[String]) -> String {
+    if names.is_empty() {
+        return "unknown (no tensor table)".to_owned();
+    }
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    let rest = names.len().saturating_sub(shown.len());
+    if rest == 0 {
+        shown.join(", ")
+    } else {
+        format!("{} and {rest} more", shown.join(", "))
     }
 }
 

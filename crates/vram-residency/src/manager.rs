@@ -10,7 +10,7 @@
 //! execute: verify (CI-007) -> lend the weights to a closure for one call
 //! ```
 
-use std::io::Read;
+use std::io::{Read, Seek as _};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -20,6 +20,7 @@ use crate::backend::{Backend, BackendKind, DeviceInfo, Residency, Weights};
 use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
+use crate::format::{TensorTable, read_tensor_table, read_tensor_table_from_bytes};
 use crate::keys::{KeySet, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
 use crate::shard::{SealedShard, ShardId, from_unix_nanos, unix_nanos};
@@ -61,8 +62,10 @@ pub struct SealOptions {
     pub shard_index: u32,
     /// Number of shards in the model (>= 1).
     pub total_shards: u32,
-    /// Digest of the model's tensor table, when its format is known.
-    pub tensor_table_digest: Option<[u8; 32]>,
+    /// The model's tensor table. `seal_file` and `seal_model*` read it from the header themselves
+    /// when this is `None` (and refuse a malformed header before anything is allocated);
+    /// `seal_reader` uses it as given.
+    pub tensor_table: Option<Arc<TensorTable>>,
     /// Called with the running byte count during the upload.
     pub progress: Option<Progress>,
 }
@@ -75,7 +78,7 @@ impl Default for SealOptions {
             model_ref: String::new(),
             shard_index: 0,
             total_shards: 1,
-            tensor_table_digest: None,
+            tensor_table: None,
             progress: None,
         }
     }
@@ -286,8 +289,14 @@ impl VramManager {
         gpu: u32,
         opts: &SealOptions,
     ) -> Result<SealedShard> {
+        self.ensure_running()?;
+        let mut opts = opts.clone();
+        if opts.tensor_table.is_none() && !bytes.is_empty() {
+            // The header is validated before anything is reserved, allocated or uploaded.
+            opts.tensor_table = Some(Arc::new(read_tensor_table_from_bytes(bytes)?));
+        }
         let mut source = bytes;
-        self.seal_reader(&mut source, bytes.len() as u64, gpu, opts)
+        self.seal_reader(&mut source, bytes.len() as u64, gpu, &opts)
     }
 
     /// Seals a model file, streamed into device memory with bounded host memory. The file must be a
@@ -301,6 +310,7 @@ impl VramManager {
             path: path.to_path_buf(),
             source,
         };
+        self.ensure_running()?;
         let mut file = std::fs::File::open(path).map_err(io)?;
         let before = file.metadata().map_err(io)?;
         if !before.is_file() {
@@ -309,7 +319,14 @@ impl VramManager {
                 reason: format!("{} is not a regular file", path.display()),
             });
         }
-        let shard = self.seal_reader(&mut file, before.len(), gpu, opts)?;
+        let mut opts = opts.clone();
+        if opts.tensor_table.is_none() && before.len() > 0 {
+            // The header is validated before anything is reserved, allocated or uploaded.
+            let mut header = std::io::BufReader::new(&file);
+            opts.tensor_table = Some(Arc::new(read_tensor_table(&mut header, before.len())?));
+            file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
+        }
+        let shard = self.seal_reader(&mut file, before.len(), gpu, &opts)?;
         let after = file.metadata().map_err(io)?;
         if after.len() != before.len() || after.modified().ok() != before.modified().ok() {
             // Dropping the shard frees its memory and capacity.
@@ -398,7 +415,7 @@ impl VramManager {
             model_ref: opts.model_ref.clone(),
             shard_index: opts.shard_index,
             total_shards: opts.total_shards,
-            tensor_table_digest: opts.tensor_table_digest,
+            tensor_table_digest: opts.tensor_table.as_ref().map(|t| t.digest()),
         };
         let tag = record.sign(&self.keys.seal)?;
         let shard = SealedShard {
@@ -412,7 +429,7 @@ impl VramManager {
             total_shards: record.total_shards,
             device_uuid: record.device_uuid,
             backend: record.backend,
-            tensor_table_digest: record.tensor_table_digest,
+            tensor_table: opts.tensor_table.clone(),
             tag,
             sealed_tree: tree,
             manager_id: self.id,
@@ -448,6 +465,7 @@ impl VramManager {
                     gpu: shard.gpu_device,
                     kind: FailureKind::Forgery,
                     damaged: Vec::new(),
+                    tensors: Vec::new(),
                 },
                 VramError::SealForgery {
                     shard_id: shard.shard_id.clone(),
@@ -458,16 +476,19 @@ impl VramManager {
         let now = shard.buffer.tree_digest()?;
         if now.digest() != shard.digest {
             let damaged = shard.sealed_tree.damaged_ranges(&now);
+            let tensors = shard.tensors_in(&damaged);
             return Err(self.incident(
                 AuditEvent::SealVerificationFailed {
                     shard_id: shard.shard_id.clone(),
                     gpu: shard.gpu_device,
                     kind: FailureKind::Corruption,
                     damaged: damaged.clone(),
+                    tensors: tensors.clone(),
                 },
                 VramError::Corruption {
                     shard_id: shard.shard_id.clone(),
                     damaged,
+                    tensors,
                 },
             ));
         }
@@ -514,6 +535,7 @@ impl VramManager {
                     gpu: shard.gpu_device,
                     kind: FailureKind::Forgery,
                     damaged: Vec::new(),
+                    tensors: Vec::new(),
                 },
                 VramError::SealForgery {
                     shard_id: shard.shard_id.clone(),

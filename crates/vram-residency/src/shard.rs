@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::backend::{AllocationId, BackendKind, DeviceBuffer};
 use crate::capacity::Reservation;
 use crate::digest::{Digest, TreeDigest};
-use crate::error::{Result, VramError};
+use crate::error::{ByteRange, Result, VramError};
+use crate::format::{ModelFormat, TensorTable};
 use crate::keys::Tag;
 use crate::seal::SealRecord;
 
@@ -135,7 +136,7 @@ pub struct SealedShard {
     pub total_shards: u32,
     pub(crate) device_uuid: [u8; 16],
     pub(crate) backend: BackendKind,
-    pub(crate) tensor_table_digest: Option<[u8; 32]>,
+    pub(crate) tensor_table: Option<std::sync::Arc<TensorTable>>,
     pub(crate) tag: Tag,
     pub(crate) sealed_tree: TreeDigest,
     pub(crate) manager_id: u64,
@@ -160,8 +161,29 @@ impl SealedShard {
             model_ref: self.model_ref.clone(),
             shard_index: self.shard_index,
             total_shards: self.total_shards,
-            tensor_table_digest: self.tensor_table_digest,
+            tensor_table_digest: self.tensor_table.as_ref().map(|t| t.digest()),
         }
+    }
+
+    /// Names of the tensors overlapping `ranges` (shard offsets = file offsets), deduplicated, in
+    /// table order; `(header)` when a range touches the header before the data section.
+    #[must_use]
+    pub fn tensors_in(&self, ranges: &[ByteRange]) -> Vec<String> {
+        let Some(table) = &self.tensor_table else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = Vec::new();
+        if ranges.iter().any(|r| r.start < table.data_offset) && table.data_offset > 0 {
+            names.push("(header)".to_owned());
+        }
+        for range in ranges {
+            for tensor in table.tensors_in_range(range.start, range.end) {
+                if !names.contains(&tensor.name) {
+                    names.push(tensor.name.clone());
+                }
+            }
+        }
+        names
     }
 
     /// The seal tag (public: it authenticates the record, it is not a key).
@@ -182,10 +204,10 @@ impl SealedShard {
         self.device_uuid
     }
 
-    /// Tensor-table digest recorded in the seal, if the model format was recognised.
+    /// The model's tensor table (read from its header before upload), if known.
     #[must_use]
-    pub const fn tensor_table_digest(&self) -> Option<[u8; 32]> {
-        self.tensor_table_digest
+    pub fn tensor_table(&self) -> Option<&TensorTable> {
+        self.tensor_table.as_deref()
     }
 
     /// Opaque identifier of the device allocation: a per-backend counter, not an address. Used by test
@@ -198,7 +220,12 @@ impl SealedShard {
     /// The public view for printing and serialisation.
     #[must_use]
     pub fn view(&self) -> SealView {
-        SealView::new(&self.record(), &self.tag)
+        let mut view = SealView::new(&self.record(), &self.tag);
+        if let Some(table) = &self.tensor_table {
+            view.format = Some(table.format);
+            view.tensor_count = Some(table.tensors.len() as u64);
+        }
+        view
     }
 
     /// Test hook: the tag, to be replaced by a forged one. Only for proving that forgery is detected.
@@ -269,6 +296,10 @@ pub struct SealView {
     pub shard_index: u32,
     /// Shard count.
     pub total_shards: u32,
+    /// Model container format, when known.
+    pub format: Option<ModelFormat>,
+    /// Number of tensors in the tensor table, when known.
+    pub tensor_count: Option<u64>,
     /// Tensor-table digest, hex, if any.
     pub tensor_table_digest: Option<String>,
     /// Seal record format version.
@@ -294,6 +325,8 @@ impl SealView {
             model_ref: record.model_ref.clone(),
             shard_index: record.shard_index,
             total_shards: record.total_shards,
+            format: None,
+            tensor_count: None,
             tensor_table_digest: record.tensor_table_digest.map(hex::encode),
             seal_version: crate::seal::SEAL_VERSION,
             seal_tag: tag.to_hex(),
