@@ -88,6 +88,7 @@ fn seal_refuses_bad_input_with_clear_errors() {
     let token = f.path("token");
     let short_token = f.path("short-token");
     let empty = f.path("empty.bin");
+    let dir_as_token = f.path("");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["seal", &model, "--backend", "sim"], "no worker token"),
         (
