@@ -458,20 +458,7 @@ impl VramManager {
     pub fn verify_sealed(&self, shard: &SealedShard) -> Result<VerifyReport> {
         let started = Instant::now();
         self.check_owner(shard)?;
-        if shard.record().verify(&self.keys.seal, &shard.tag).is_err() {
-            return Err(self.incident(
-                AuditEvent::SealVerificationFailed {
-                    shard_id: shard.shard_id.clone(),
-                    gpu: shard.gpu_device,
-                    kind: FailureKind::Forgery,
-                    damaged: Vec::new(),
-                    tensors: Vec::new(),
-                },
-                VramError::SealForgery {
-                    shard_id: shard.shard_id.clone(),
-                },
-            ));
-        }
+        self.check_seal(shard)?;
         self.check_residency(shard.gpu_device, shard.buffer.residency()?)?;
         let now = shard.buffer.tree_digest()?;
         if now.digest() != shard.digest {
@@ -528,20 +515,7 @@ impl VramManager {
     /// [`VramError::ForeignShard`] or [`VramError::SealForgery`].
     pub fn deallocate(&self, shard: SealedShard) -> Result<()> {
         self.check_owner(&shard)?;
-        if shard.record().verify(&self.keys.seal, &shard.tag).is_err() {
-            return Err(self.incident(
-                AuditEvent::SealVerificationFailed {
-                    shard_id: shard.shard_id.clone(),
-                    gpu: shard.gpu_device,
-                    kind: FailureKind::Forgery,
-                    damaged: Vec::new(),
-                    tensors: Vec::new(),
-                },
-                VramError::SealForgery {
-                    shard_id: shard.shard_id.clone(),
-                },
-            ));
-        }
+        self.check_seal(&shard)?;
         let event = AuditEvent::VramDeallocated {
             shard_id: shard.shard_id.clone(),
             gpu: shard.gpu_device,
@@ -567,6 +541,26 @@ impl VramManager {
                 shard_id: shard.shard_id.clone(),
             })
         }
+    }
+
+    /// The seal's HMAC over the handle's current fields, in constant time (CI-003). A failure is
+    /// forgery: audited critical, and the worker stops.
+    fn check_seal(&self, shard: &SealedShard) -> Result<()> {
+        if shard.record().verify(&self.keys.seal, &shard.tag).is_ok() {
+            return Ok(());
+        }
+        Err(self.incident(
+            AuditEvent::SealVerificationFailed {
+                shard_id: shard.shard_id.clone(),
+                gpu: shard.gpu_device,
+                kind: FailureKind::Forgery,
+                damaged: Vec::new(),
+                tensors: Vec::new(),
+            },
+            VramError::SealForgery {
+                shard_id: shard.shard_id.clone(),
+            },
+        ))
     }
 
     fn ensure_running(&self) -> Result<()> {
