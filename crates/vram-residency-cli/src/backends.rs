@@ -29,7 +29,7 @@ pub fn open(kind: BackendKind, sim: SimSettings) -> Result<Arc<dyn Backend>, Vra
 pub fn cuda_unavailable() -> VramError {
     VramError::BackendUnavailable {
         backend: "cuda",
-        reason: "this build does not include the CUDA backend yet (it is being built in the \
+        reason: "this build does not include the CUDA backend yet (planned as the \
                  vram-residency-cuda crate); pass --backend sim to use the simulated backend, \
                  which is NOT real VRAM residency"
             .to_owned(),

@@ -17,7 +17,7 @@ use crate::progress;
 
 /// Sealed, VRAM-resident model weights.
 #[derive(Debug, Parser)]
-#[command(name = "vram-residency", version, about, long_about = None)]
+#[command(name = "vram-residency", version, about = "Sealed, VRAM-resident model weights: fs-verity digests, HMAC seals, verification.", long_about = None)]
 pub struct Cli {
     /// More log output on stderr (-v: audit events, -vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
