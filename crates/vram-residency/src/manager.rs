@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::attestation::{Attestation, validate_nonce};
 use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
 use crate::backend::{Backend, BackendKind, DeviceInfo, Residency, Weights};
 use crate::capacity::{Capacity, CapacityLedger};
@@ -297,11 +298,30 @@ impl VramManager {
     /// [`VramError::Io`] when it cannot be read, [`VramError::SourceChanged`] when it changed during
     /// the upload; otherwise see [`seal_reader`](Self::seal_reader).
     pub fn seal_file(&self, path: &Path, gpu: u32, opts: &SealOptions) -> Result<SealedShard> {
+        let file = std::fs::File::open(path).map_err(|source| VramError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.seal_open_file(file, path, gpu, opts)
+    }
+
+    /// Seals an already opened file (as [`ModelsDir::open`](crate::ModelsDir::open) hands it over,
+    /// after checking where it is), with the checks of [`seal_file`](Self::seal_file). `path` is only
+    /// used in messages.
+    ///
+    /// # Errors
+    /// As [`seal_file`](Self::seal_file).
+    pub fn seal_open_file(
+        &self,
+        mut file: std::fs::File,
+        path: &Path,
+        gpu: u32,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
         let io = |source| VramError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = std::fs::File::open(path).map_err(io)?;
         let before = file.metadata().map_err(io)?;
         if !before.is_file() {
             return Err(VramError::InvalidInput {
@@ -495,6 +515,38 @@ impl VramManager {
         self.verify_sealed(shard)?;
         let weights = shard.buffer.weights()?;
         Ok(run(weights))
+    }
+
+    /// Attests, for the caller's `nonce` (16 to 64 bytes), that the shard is resident and intact now
+    /// (VP-006): a **fresh** [`verify_sealed`](Self::verify_sealed), then a statement binding the seal
+    /// record and tag, the device, the driver version, the backend, the residency verdict, the nonce,
+    /// the time and the verification's result, signed with the attestation key. See
+    /// [`attestation`](crate::attestation).
+    ///
+    /// # Errors
+    /// [`VramError::WorkerStopped`]; [`VramError::InvalidInput`] for a bad nonce; any error of
+    /// [`verify_sealed`](Self::verify_sealed) (no attestation is made for a shard that fails).
+    pub fn attest(&self, shard: &SealedShard, nonce: &[u8]) -> Result<Attestation> {
+        self.ensure_running()?;
+        validate_nonce(nonce)?;
+        let report = self.verify_sealed(shard)?;
+        let residency = shard.buffer.residency()?;
+        let device = self.device(shard.gpu_device)?;
+        let mut attestation = Attestation {
+            record: shard.record(),
+            seal_tag: shard.tag,
+            device_name: device.name.clone(),
+            driver_version: self.backend.driver_version()?,
+            residency,
+            nonce: nonce.to_vec(),
+            attested_at_ns: unix_nanos(SystemTime::now()),
+            verified_digest: report.digest,
+            verified_bytes: report.vram_bytes,
+            verify_elapsed_ns: u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX),
+            mac: crate::keys::Tag([0; 32]),
+        };
+        attestation.sign(&self.keys.attestation)?;
+        Ok(attestation)
     }
 
     /// Frees a shard after checking that it is this manager's and that its seal is intact
