@@ -1,12 +1,15 @@
 //! `vram-residency`: the command-line tool.
 //!
 //! Subcommands: `digest` (fs-verity digests, same output as `fsverity digest`), `seal` (seal a model
-//! file and print its seal record), `demo` (the whole story in one run). See the README.
+//! file and print its seal record), `demo` (the whole story in one run), `serve` (the worker
+//! service), `audit verify` and `attest verify` (offline checks). See the README and `docs/`.
 
 mod backends;
 mod cli;
 mod demo;
+mod offline;
 mod progress;
+mod serve;
 
 use std::process::ExitCode;
 
