@@ -22,6 +22,8 @@ mod manager;
 mod properties;
 #[path = "api/seal_format.rs"]
 mod seal_format;
+#[path = "api/serve.rs"]
+mod serve;
 #[path = "api/support.rs"]
 mod support;
 #[path = "api/vectors.rs"]

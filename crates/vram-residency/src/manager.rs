@@ -375,7 +375,7 @@ impl VramManager {
             .ledger
             .reserve(gpu, len, &shard_id)
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
-        let mut buffer = self
+        let buffer = self
             .backend
             .allocate(gpu, len)
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
@@ -388,7 +388,43 @@ impl VramManager {
             used_after: capacity.used,
             total: capacity.total,
         })?;
+        // From here on the allocation is in the audit trail; a failed seal records its release too
+        // (RP-005). The buffer and reservation are dropped (freed) on every error path.
+        let released = AuditEvent::VramDeallocated {
+            shard_id: shard_id.clone(),
+            gpu,
+            bytes: len,
+        };
+        let shard = self.fill_and_seal(
+            source,
+            len,
+            gpu,
+            device,
+            shard_id,
+            buffer,
+            reservation,
+            opts,
+        );
+        if shard.is_err() {
+            self.audit_best_effort(released);
+        }
+        shard
+    }
 
+    /// The part of [`seal_reader`](Self::seal_reader) after allocation: upload, digest, compare,
+    /// seal, audit.
+    #[expect(clippy::too_many_arguments, reason = "the pieces of one seal, private")]
+    fn fill_and_seal(
+        &self,
+        source: &mut dyn Read,
+        len: u64,
+        gpu: u32,
+        device: &DeviceInfo,
+        shard_id: ShardId,
+        mut buffer: Box<dyn crate::backend::DeviceBuffer>,
+        reservation: crate::capacity::Reservation,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
         let mut progress = |n: u64| {
             if let Some(report) = &opts.progress {
                 report(n);

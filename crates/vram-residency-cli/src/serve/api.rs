@@ -54,6 +54,10 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body))
+        .layer(middleware::from_fn_with_state(
+            limits.max_body,
+            refuse_announced_oversize,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
@@ -85,6 +89,24 @@ async fn require_bearer(
         Some(token) if app.bearer.matches(token) => next.run(request).await,
         _ => ApiError::unauthorized().into_response(),
     }
+}
+
+/// Answers 413 at once when `Content-Length` announces more than the limit, before reading any of
+/// the body. (Bodies without a length are cut off at the limit as they are read.)
+async fn refuse_announced_oversize(
+    State(max_body): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > max_body as u64) {
+        return ApiError::body_too_large().into_response();
+    }
+    next.run(request).await
 }
 
 const fn one() -> u32 {

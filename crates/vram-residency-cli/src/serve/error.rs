@@ -47,6 +47,14 @@ impl ApiError {
         )
     }
 
+    pub fn body_too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than the configured limit (--max-body)",
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
@@ -55,11 +63,7 @@ impl ApiError {
     /// with missing, unknown or mistyped fields (400).
     pub fn from_json_rejection(rejection: &JsonRejection) -> Self {
         match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the request body is larger than the configured limit (--max-body)",
-            ),
+            StatusCode::PAYLOAD_TOO_LARGE => Self::body_too_large(),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",

@@ -91,12 +91,12 @@ impl Metrics {
         );
         registry.register(
             "vram_seal_duration_seconds",
-            "Wall time of seal operations",
+            "Wall time of successful seal operations (open, upload, digest in device memory, HMAC, audit)",
             seal_seconds.clone(),
         );
         registry.register(
             "vram_verify_duration_seconds",
-            "Wall time of verifications",
+            "Wall time of verifications (HMAC, residency, digest re-measured in device memory)",
             verify_seconds.clone(),
         );
         registry.register(
@@ -141,7 +141,7 @@ impl Metrics {
         self.seal_ops.get_or_create(&label(result)).inc();
     }
 
-    /// Records the time the manager spent on one seal.
+    /// Records the time the manager spent on one successful seal.
     pub fn seal_latency(&self, elapsed: Duration) {
         self.seal_seconds.observe(elapsed.as_secs_f64());
     }

@@ -132,8 +132,9 @@ impl AppState {
         let sealed = self
             .manager
             .seal_open_file(opened.file, Path::new(model), gpu, opts);
-        self.metrics.seal_latency(started.elapsed());
         let shard = sealed?;
+        // Latency of successful seals only: a refusal takes microseconds and says nothing.
+        self.metrics.seal_latency(started.elapsed());
         let mut shards = self.lock_shards();
         if self.shutting_down.load(Ordering::SeqCst) {
             drop(shards);
