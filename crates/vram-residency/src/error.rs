@@ -58,9 +58,7 @@ pub enum VramError {
     },
 
     /// A caller-chosen shard id is not acceptable (IV-003, IV-005).
-    #[error(
-        "invalid shard id: {reason} (allowed: 1 to 256 characters of A-Z a-z 0-9 '-' '_' '.', not starting with '.')"
-    )]
+    #[error("invalid shard id: {reason} (allowed: 1 to 256 characters of A-Z a-z 0-9 '-' '_')")]
     InvalidShardId {
         /// Why it was refused.
         reason: &'static str,

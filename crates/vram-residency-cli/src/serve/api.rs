@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use vram_residency::attestation::parse_nonce_hex;
 use vram_residency::models_dir::check_relative;
 use vram_residency::{Digest, SealOptions, ShardId, WorkerState};
@@ -62,7 +62,12 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             limits.request_timeout,
         ))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers (507 for a full device, say) are logged where they arise, with their reason;
+        // the per-request trace stays at debug level (-vv).
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
         // Outermost, so that nothing after it (traces included) sees the token.
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
