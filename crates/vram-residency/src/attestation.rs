@@ -37,7 +37,7 @@ use crate::backend::{BackendKind, Residency};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
 use crate::keys::{AttestationKey, Tag};
-use crate::seal::SealRecord;
+use crate::seal::{SealRecord, put_str};
 use crate::shard::{ShardId, format_uuid};
 
 /// Domain-separation tag at the start of every attestation encoding.
@@ -128,15 +128,15 @@ impl Attestation {
         out.extend_from_slice(&record_len.to_be_bytes());
         out.extend_from_slice(&record);
         out.extend_from_slice(&self.seal_tag.0);
-        put_str16(&mut out, &self.device_name, "device name")?;
-        put_str16(&mut out, &self.driver_version, "driver version")?;
+        put_str(&mut out, &self.device_name, "device name")?;
+        put_str(&mut out, &self.driver_version, "driver version")?;
         let (verdict, detail) = match &self.residency {
             Residency::DeviceMemory => (1u8, ""),
             Residency::Simulated => (2, ""),
             Residency::Violation(detail) => (3, detail.as_str()),
         };
         out.push(verdict);
-        put_str16(&mut out, detail, "residency detail")?;
+        put_str(&mut out, detail, "residency detail")?;
         let nonce_len = u8::try_from(self.nonce.len()).map_err(|_| too_long("nonce"))?;
         out.push(nonce_len);
         out.extend_from_slice(&self.nonce);
@@ -370,13 +370,6 @@ fn too_long(field: &'static str) -> VramError {
         field,
         reason: "too long for its length prefix".to_owned(),
     }
-}
-
-fn put_str16(out: &mut Vec<u8>, value: &str, field: &'static str) -> Result<()> {
-    let len = u16::try_from(value.len()).map_err(|_| too_long(field))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(value.as_bytes());
-    Ok(())
 }
 
 fn hex32(text: &str, field: &str) -> Result<[u8; 32]> {
