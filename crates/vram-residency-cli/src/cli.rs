@@ -48,37 +48,46 @@ pub enum Command {
     /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
     /// verification catches it and the worker stops.
     Demo(DemoArgs),
+    /// Run the worker service: an HTTP API (loopback by default, bearer token) to commit, list,
+    /// verify, attest and evict shards, with an HMAC-chained audit log, sweeps and metrics.
+    Serve(Box<crate::serve::ServeArgs>),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(crate::offline::AuditCommand),
+    /// Attestation tools.
+    #[command(subcommand)]
+    Attest(crate::offline::AttestCommand),
 }
 
 /// Options shared by the commands that open a backend.
 #[derive(Debug, Args)]
 pub struct BackendArgs {
     /// Backend: `cuda` (real VRAM, the default) or `sim` (host memory; NOT residency).
-    #[arg(long, default_value = "cuda", value_parser = parse_backend)]
+    #[arg(long, env = "VRAM_RESIDENCY_BACKEND", default_value = "cuda", value_parser = parse_backend)]
     pub backend: BackendKind,
     /// Number of simulated devices (sim only).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "VRAM_RESIDENCY_SIM_DEVICES", default_value_t = 1)]
     pub sim_devices: u32,
     /// Memory per simulated device, e.g. 4GiB (sim only).
-    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+    #[arg(long, env = "VRAM_RESIDENCY_SIM_VRAM", default_value = "4GiB", value_parser = parse_bytes)]
     pub sim_vram: u64,
     /// Bytes kept free on each device, e.g. 512MiB.
-    #[arg(long, default_value = "0", value_parser = parse_bytes)]
+    #[arg(long, env = "VRAM_RESIDENCY_HEADROOM", default_value = "0", value_parser = parse_bytes)]
     pub headroom: u64,
     /// Largest model accepted, e.g. 100GB.
-    #[arg(long, default_value = "100GB", value_parser = parse_bytes)]
+    #[arg(long, env = "VRAM_RESIDENCY_MAX_MODEL_BYTES", default_value = "100GB", value_parser = parse_bytes)]
     pub max_model_bytes: u64,
 }
 
 impl BackendArgs {
-    fn sim(&self) -> SimSettings {
+    pub fn sim(&self) -> SimSettings {
         SimSettings {
             devices: self.sim_devices,
             bytes_per_device: self.sim_vram,
         }
     }
 
-    fn manager_config(&self) -> ManagerConfig {
+    pub fn manager_config(&self) -> ManagerConfig {
         ManagerConfig {
             max_model_bytes: self.max_model_bytes,
             headroom_bytes: self.headroom,
@@ -198,6 +207,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect { model, json } => crate::inspect::run(&model, json),
         Command::Seal(args) => seal(&args),
         Command::Demo(args) => crate::demo::run(&args),
+        Command::Serve(args) => crate::serve::run(&args),
+        Command::Audit(command) => crate::offline::audit(&command),
+        Command::Attest(command) => crate::offline::attest(&command),
     }
 }
 

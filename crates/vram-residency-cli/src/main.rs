@@ -2,13 +2,16 @@
 //!
 //! Subcommands: `digest` (fs-verity digests, same output as `fsverity digest`), `inspect` (a model's
 //! tensor table), `seal` (seal a model file and print its seal record), `demo` (the whole story in one
-//! run). See the README.
+//! run), `serve` (the worker service), `audit verify` and `attest verify` (offline checks). See the
+//! README and `docs/`.
 
 mod backends;
 mod cli;
 mod demo;
 mod inspect;
+mod offline;
 mod progress;
+mod serve;
 
 use std::process::ExitCode;
 

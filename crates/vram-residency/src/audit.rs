@@ -119,6 +119,35 @@ pub enum AuditEvent {
         /// Why.
         reason: String,
     },
+    /// The audit log was reopened after a crash: its torn last line (a record cut short mid-write) is
+    /// ended and skipped, and the chain continues from the last complete record (warning). The line is
+    /// named by number, offset, length (without its newline) and SHA-256, so it cannot be edited later.
+    AuditLogRecovered {
+        /// 1-based line number of the torn line.
+        skipped_line: u64,
+        /// Byte offset where it starts.
+        skipped_offset: u64,
+        /// Its length in bytes, without the newline that now ends it.
+        skipped_bytes: u64,
+        /// SHA-256 of those bytes, lowercase hex.
+        skipped_sha256: String,
+    },
+    /// The worker service started.
+    ServiceStarted {
+        /// Program version.
+        version: String,
+        /// Number of devices.
+        devices: u32,
+        /// The address it listens on.
+        listen: String,
+    },
+    /// The worker service shut down after freeing every shard.
+    ServiceStopped {
+        /// What asked it to stop (`SIGTERM`, `SIGINT`).
+        signal: String,
+        /// Shards freed during shutdown.
+        shards_freed: u64,
+    },
 }
 
 impl AuditEvent {
@@ -129,8 +158,10 @@ impl AuditEvent {
             Self::VramSealed { .. }
             | Self::SealVerified { .. }
             | Self::VramAllocated { .. }
-            | Self::VramDeallocated { .. } => Severity::Info,
-            Self::VramAllocationFailed { .. } => Severity::Warning,
+            | Self::VramDeallocated { .. }
+            | Self::ServiceStarted { .. }
+            | Self::ServiceStopped { .. } => Severity::Info,
+            Self::VramAllocationFailed { .. } | Self::AuditLogRecovered { .. } => Severity::Warning,
             Self::SealVerificationFailed { .. }
             | Self::PolicyViolation { .. }
             | Self::WorkerStopped { .. } => Severity::Critical,
@@ -149,6 +180,9 @@ impl AuditEvent {
             Self::VramDeallocated { .. } => "vram_deallocated",
             Self::PolicyViolation { .. } => "policy_violation",
             Self::WorkerStopped { .. } => "worker_stopped",
+            Self::AuditLogRecovered { .. } => "audit_log_recovered",
+            Self::ServiceStarted { .. } => "service_started",
+            Self::ServiceStopped { .. } => "service_stopped",
         }
     }
 }

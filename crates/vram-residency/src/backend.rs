@@ -169,6 +169,15 @@ pub trait Backend: Send + Sync {
     /// Backend errors (driver missing, ...).
     fn devices(&self) -> Result<Vec<DeviceInfo>>;
 
+    /// The driver version, as attestations report it. The simulated backend says `sim`; a backend
+    /// that cannot tell says `unknown` (the default), never a guess.
+    ///
+    /// # Errors
+    /// Backend errors when the query itself fails.
+    fn driver_version(&self) -> Result<String> {
+        Ok("unknown".to_owned())
+    }
+
     /// Allocates `bytes` of device memory on device `gpu`.
     ///
     /// # Errors

@@ -59,9 +59,7 @@ pub enum VramError {
     },
 
     /// A caller-chosen shard id is not acceptable (IV-003, IV-005).
-    #[error(
-        "invalid shard id: {reason} (allowed: 1 to 256 characters of A-Z a-z 0-9 '-' '_' '.', not starting with '.')"
-    )]
+    #[error("invalid shard id: {reason} (allowed: 1 to 256 characters of A-Z a-z 0-9 '-' '_')")]
     InvalidShardId {
         /// Why it was refused.
         reason: &'static str,
@@ -90,6 +88,23 @@ pub enum VramError {
         field: &'static str,
         /// Why it was refused.
         reason: String,
+    },
+
+    /// A model path was refused: absolute, with `..`, escaping the models directory, or not a regular
+    /// file (worker service). Names the path as the caller gave it.
+    #[error("model path {path:?} refused: {reason}")]
+    InvalidModelPath {
+        /// The path as given (shortened to 200 bytes).
+        path: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// No model file at this path inside the models directory (worker service).
+    #[error("no model file {path:?} in the models directory")]
+    ModelNotFound {
+        /// The path as given (shortened to 200 bytes).
+        path: String,
     },
 
     /// The worker token could not be used. Never contains the token.
@@ -222,6 +237,13 @@ pub enum VramError {
     #[error("audit sink failed: {reason}")]
     Audit {
         /// What the sink reported.
+        reason: String,
+    },
+
+    /// An attestation did not verify (offline check). Deliberately opaque: never the expected MAC.
+    #[error("the attestation does not verify: {reason}")]
+    AttestationInvalid {
+        /// Why.
         reason: String,
     },
 

@@ -124,6 +124,13 @@ impl WorkerToken {
         Self::from_bytes(value.as_bytes().to_vec())
     }
 
+    /// What the worker service needs to check a presented bearer token: the SHA-256 of this token.
+    /// The service keeps only this (and the derived keys), never the token itself.
+    #[must_use]
+    pub fn bearer_check(&self) -> BearerCheck {
+        BearerCheck(sha256(&self.0))
+    }
+
     /// Derives the per-purpose keys (HKDF-SHA256, RFC 5869).
     #[must_use]
     pub fn derive_keys(&self) -> KeySet {
@@ -189,6 +196,37 @@ secret_key!(
     /// Key that signs attestations.
     AttestationKey
 );
+
+/// Checks a presented bearer token against the worker token without keeping the token.
+///
+/// Holds SHA-256 of the worker token. [`matches`](Self::matches) hashes the presented bytes and
+/// compares the two 32-byte hashes in constant time (`subtle`), so neither the length nor the content
+/// of the presented token steers the time the comparison takes. Zeroised on drop; `Debug` prints no
+/// byte of the hash.
+#[derive(ZeroizeOnDrop)]
+pub struct BearerCheck([u8; 32]);
+
+impl fmt::Debug for BearerCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BearerCheck { .. }")
+    }
+}
+
+impl BearerCheck {
+    /// True when `presented` is the worker token (constant-time comparison of SHA-256 hashes).
+    #[must_use]
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let mut hash = sha256(presented);
+        let equal = bool::from(subtle::ConstantTimeEq::ct_eq(&hash[..], &self.0[..]));
+        hash.zeroize();
+        equal
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    Sha256::digest(bytes).into()
+}
 
 /// The three purpose keys of a worker.
 #[derive(Debug)]
@@ -270,6 +308,16 @@ mod tests {
             format!("{keys:?}"),
             "KeySet { seal: SealKey { .. }, audit: AuditKey { .. }, attestation: AttestationKey { .. } }"
         );
+    }
+
+    #[test]
+    fn bearer_check_accepts_only_the_token_and_leaks_nothing_ci_006() {
+        let check = token().bearer_check();
+        assert_eq!(format!("{check:?}"), "BearerCheck { .. }");
+        assert!(check.matches(b"0123456789abcdef0123456789abcdef"));
+        assert!(!check.matches(b"0123456789abcdef0123456789abcdeX"));
+        assert!(!check.matches(b"0123456789abcdef0123456789abcdef\n"));
+        assert!(!check.matches(b""));
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //! | seal record, canonical encoding, HMAC | [`seal`] |
 //! | the handle | [`shard`] |
 //! | orchestration: seal, verify, execute, deallocate | [`manager`] |
-//! | security events | [`audit`] |
+//! | security events, and their HMAC-chained log | [`audit`], [`audit_log`] |
+//! | signed residency statements for a caller's nonce | [`attestation`] |
+//! | model paths confined to a models directory (worker service) | [`models_dir`] |
 //!
 //! This crate has no `unsafe` code (`#![forbid(unsafe_code)]`), no async and no HTTP. The CUDA
 //! backend lives in its own crate, the only one allowed `unsafe`.
@@ -32,13 +34,16 @@
     allow(
         clippy::unwrap_used,
         clippy::expect_used,
+        clippy::panic,
         clippy::indexing_slicing,
         clippy::arithmetic_side_effects,
         clippy::cast_possible_truncation
     )
 )]
 
+pub mod attestation;
 pub mod audit;
+pub mod audit_log;
 pub mod backend;
 pub mod capacity;
 pub mod digest;
@@ -46,16 +51,20 @@ pub mod error;
 pub mod format;
 pub mod keys;
 pub mod manager;
+pub mod models_dir;
 pub mod seal;
 pub mod shard;
 pub mod sim;
 
+pub use attestation::Attestation;
 pub use audit::{AuditEntry, AuditEvent, AuditSink, MemoryAuditSink, NoAuditSink, Severity};
+pub use audit_log::AuditLog;
 pub use backend::{Backend, BackendKind, DeviceBuffer, DeviceInfo, Residency, Weights};
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
-pub use keys::WorkerToken;
+pub use keys::{BearerCheck, WorkerToken};
 pub use manager::{ManagerConfig, SealOptions, VerifyReport, VramManager, WorkerState};
+pub use models_dir::ModelsDir;
 pub use seal::SealRecord;
 pub use shard::{SealView, SealedShard, ShardId};
 pub use sim::{SimBackend, SimConfig};

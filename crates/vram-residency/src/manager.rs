@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::attestation::{Attestation, validate_nonce};
 use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
 use crate::backend::{Backend, BackendKind, DeviceInfo, Residency, Weights};
 use crate::capacity::{Capacity, CapacityLedger};
@@ -306,12 +307,31 @@ impl VramManager {
     /// [`VramError::Io`] when it cannot be read, [`VramError::SourceChanged`] when it changed during
     /// the upload; otherwise see [`seal_reader`](Self::seal_reader).
     pub fn seal_file(&self, path: &Path, gpu: u32, opts: &SealOptions) -> Result<SealedShard> {
+        let file = std::fs::File::open(path).map_err(|source| VramError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.seal_open_file(file, path, gpu, opts)
+    }
+
+    /// Seals an already opened file (as [`ModelsDir::open`](crate::ModelsDir::open) hands it over,
+    /// after checking where it is), with the checks of [`seal_file`](Self::seal_file). `path` is only
+    /// used in messages.
+    ///
+    /// # Errors
+    /// As [`seal_file`](Self::seal_file).
+    pub fn seal_open_file(
+        &self,
+        mut file: std::fs::File,
+        path: &Path,
+        gpu: u32,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
         let io = |source| VramError::Io {
             path: path.to_path_buf(),
             source,
         };
         self.ensure_running()?;
-        let mut file = std::fs::File::open(path).map_err(io)?;
         let before = file.metadata().map_err(io)?;
         if !before.is_file() {
             return Err(VramError::InvalidInput {
@@ -372,7 +392,7 @@ impl VramManager {
             .ledger
             .reserve(gpu, len, &shard_id)
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
-        let mut buffer = self
+        let buffer = self
             .backend
             .allocate(gpu, len)
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
@@ -385,7 +405,43 @@ impl VramManager {
             used_after: capacity.used,
             total: capacity.total,
         })?;
+        // From here on the allocation is in the audit trail; a failed seal records its release too
+        // (RP-005). The buffer and reservation are dropped (freed) on every error path.
+        let released = AuditEvent::VramDeallocated {
+            shard_id: shard_id.clone(),
+            gpu,
+            bytes: len,
+        };
+        let shard = self.fill_and_seal(
+            source,
+            len,
+            gpu,
+            device,
+            shard_id,
+            buffer,
+            reservation,
+            opts,
+        );
+        if shard.is_err() {
+            self.audit_best_effort(released);
+        }
+        shard
+    }
 
+    /// The part of [`seal_reader`](Self::seal_reader) after allocation: upload, digest, compare,
+    /// seal, audit.
+    #[expect(clippy::too_many_arguments, reason = "the pieces of one seal, private")]
+    fn fill_and_seal(
+        &self,
+        source: &mut dyn Read,
+        len: u64,
+        gpu: u32,
+        device: &DeviceInfo,
+        shard_id: ShardId,
+        mut buffer: Box<dyn crate::backend::DeviceBuffer>,
+        reservation: crate::capacity::Reservation,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
         let mut progress = |n: u64| {
             if let Some(report) = &opts.progress {
                 report(n);
@@ -503,6 +559,38 @@ impl VramManager {
         self.verify_sealed(shard)?;
         let weights = shard.buffer.weights()?;
         Ok(run(weights))
+    }
+
+    /// Attests, for the caller's `nonce` (16 to 64 bytes), that the shard is resident and intact now
+    /// (VP-006): a **fresh** [`verify_sealed`](Self::verify_sealed), then a statement binding the seal
+    /// record and tag, the device, the driver version, the backend, the residency verdict, the nonce,
+    /// the time and the verification's result, signed with the attestation key. See
+    /// [`attestation`](crate::attestation).
+    ///
+    /// # Errors
+    /// [`VramError::WorkerStopped`]; [`VramError::InvalidInput`] for a bad nonce; any error of
+    /// [`verify_sealed`](Self::verify_sealed) (no attestation is made for a shard that fails).
+    pub fn attest(&self, shard: &SealedShard, nonce: &[u8]) -> Result<Attestation> {
+        self.ensure_running()?;
+        validate_nonce(nonce)?;
+        let report = self.verify_sealed(shard)?;
+        let residency = shard.buffer.residency()?;
+        let device = self.device(shard.gpu_device)?;
+        let mut attestation = Attestation {
+            record: shard.record(),
+            seal_tag: shard.tag,
+            device_name: device.name.clone(),
+            driver_version: self.backend.driver_version()?,
+            residency,
+            nonce: nonce.to_vec(),
+            attested_at_ns: unix_nanos(SystemTime::now()),
+            verified_digest: report.digest,
+            verified_bytes: report.vram_bytes,
+            verify_elapsed_ns: u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX),
+            mac: crate::keys::Tag([0; 32]),
+        };
+        attestation.sign(&self.keys.attestation)?;
+        Ok(attestation)
     }
 
     /// Frees a shard after checking that it is this manager's and that its seal is intact

@@ -219,7 +219,8 @@ fn malformed(reason: &str) -> VramError {
     }
 }
 
-fn put_str(out: &mut Vec<u8>, value: &str, field: &'static str) -> Result<()> {
+/// Appends a `u16` length and the bytes of `value` (the string encoding of every canonical record).
+pub(crate) fn put_str(out: &mut Vec<u8>, value: &str, field: &'static str) -> Result<()> {
     let len = u16::try_from(value.len()).map_err(|_| VramError::InvalidInput {
         field,
         reason: "longer than 65535 bytes".to_owned(),

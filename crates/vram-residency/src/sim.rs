@@ -165,6 +165,10 @@ impl Backend for SimBackend {
             .collect())
     }
 
+    fn driver_version(&self) -> Result<String> {
+        Ok("sim".to_owned())
+    }
+
     fn allocate(&self, gpu: u32, bytes: u64) -> Result<Box<dyn DeviceBuffer>> {
         if gpu >= self.inner.config.devices {
             return Err(VramError::InvalidGpuIndex {

@@ -114,6 +114,17 @@ fn seal_refuses_bad_input_with_clear_errors() {
             "at least 32",
         ),
         (
+            vec![
+                "seal",
+                &model,
+                "--backend",
+                "sim",
+                "--token-file",
+                &dir_as_token,
+            ],
+            "not a regular file",
+        ),
+        (
             vec!["seal", &model, "--backend", "rocm", "--token-file", &token],
             "unknown backend",
         ),

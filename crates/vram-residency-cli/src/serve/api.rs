@@ -1,0 +1,340 @@
+//! Routes, the bearer-token middleware and the handlers. `docs/openapi.yaml` describes the API.
+//!
+//! Heavy work (sealing, hashing) runs on blocking threads, bounded by the state's permits. A commit
+//! registers its shard from inside its blocking task, so a client that disconnects or times out does
+//! not leave a sealed shard unregistered: it shows up in `GET /v1/shards`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use vram_residency::attestation::parse_nonce_hex;
+use vram_residency::models_dir::check_relative;
+use vram_residency::{Digest, SealOptions, ShardId, WorkerState};
+
+use super::error::ApiError;
+use super::metrics;
+use super::state::AppState;
+
+/// Limits applied to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// Longest a request may take, body included; then 408 (a commit still completes and registers).
+    pub request_timeout: Duration,
+}
+
+pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
+    let authenticated = Router::new()
+        .route("/v1/shards", post(commit).get(list))
+        .route("/v1/shards/{id}", get(get_shard).delete(evict))
+        .route("/v1/shards/{id}/verify", post(verify))
+        .route("/v1/shards/{id}/attest", post(attest))
+        .route("/v1/worker", get(worker))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            require_bearer,
+        ));
+    Router::new()
+        .merge(authenticated)
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limits.max_body))
+        .layer(middleware::from_fn_with_state(
+            limits.max_body,
+            refuse_announced_oversize,
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ))
+        // 5xx answers (507 for a full device, say) are logged where they arise, with their reason;
+        // the per-request trace stays at debug level (-vv).
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+        // Outermost, so that nothing after it (traces included) sees the token.
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+        ]))
+        .with_state(app)
+}
+
+/// Lets a request through only with `Authorization: Bearer <worker token>`. The presented token is
+/// hashed and compared with the hash of the real one in constant time ([`vram_residency::BearerCheck`]).
+async fn require_bearer(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(axum::http::HeaderValue::as_bytes)
+        .and_then(|value| {
+            let (scheme, token) = value.split_at_checked(7)?;
+            scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+        });
+    match presented {
+        Some(token) if app.bearer.matches(token) => next.run(request).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Answers 413 at once when `Content-Length` announces more than the limit, before reading any of
+/// the body. (Bodies without a length are cut off at the limit as they are read.)
+async fn refuse_announced_oversize(
+    State(max_body): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > max_body as u64) {
+        return ApiError::body_too_large().into_response();
+    }
+    next.run(request).await
+}
+
+const fn one() -> u32 {
+    1
+}
+
+/// `POST /v1/shards`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitRequest {
+    /// Path of the model file, relative to the models directory.
+    model: String,
+    /// Device index.
+    gpu: u32,
+    #[serde(default)]
+    shard_id: Option<String>,
+    #[serde(default)]
+    expected_digest: Option<String>,
+    #[serde(default)]
+    model_ref: String,
+    #[serde(default)]
+    shard_index: u32,
+    #[serde(default = "one")]
+    total_shards: u32,
+}
+
+async fn commit(
+    State(app): State<Arc<AppState>>,
+    body: Result<Json<CommitRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let result = commit_inner(&app, body).await;
+    app.metrics.seal_result(match &result {
+        Ok(_) => "ok",
+        Err(error) => error.label(),
+    });
+    result.map(|view| (StatusCode::CREATED, Json(json!(view))))
+}
+
+async fn commit_inner(
+    app: &Arc<AppState>,
+    body: Result<Json<CommitRequest>, JsonRejection>,
+) -> Result<vram_residency::SealView, ApiError> {
+    let Json(request) = body.map_err(|rejection| ApiError::from_json_rejection(&rejection))?;
+    app.check_accepting()?;
+    check_relative(&request.model)?;
+    let opts = SealOptions {
+        shard_id: request.shard_id.as_deref().map(ShardId::new).transpose()?,
+        expected_digest: request
+            .expected_digest
+            .as_deref()
+            .map(str::parse::<Digest>)
+            .transpose()?,
+        model_ref: request.model_ref,
+        shard_index: request.shard_index,
+        total_shards: request.total_shards,
+        tensor_table: None,
+        progress: None,
+    };
+    let permit = app.permit().await?;
+    let app = Arc::clone(app);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        app.commit_blocking(&request.model, request.gpu, &opts)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the commit task failed"))?
+}
+
+/// `GET /v1/shards`.
+async fn list(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let shards: Vec<_> = app
+        .snapshot()
+        .iter()
+        .map(|entry| entry.view.clone())
+        .collect();
+    Json(json!({ "shards": shards }))
+}
+
+/// `GET /v1/shards/{id}`.
+async fn get_shard(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(app.entry(&id)?.view)))
+}
+
+/// `POST /v1/shards/{id}/verify`.
+async fn verify(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.check_accepting()?;
+    let entry = app.entry(&id)?;
+    let permit = app.permit().await?;
+    let task_app = Arc::clone(&app);
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_app.verify_blocking(&entry)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the verification task failed"))?
+    .ok_or_else(|| ApiError::shard_not_found(&id))?;
+    let report = result?;
+    Ok(Json(json!({
+        "verified": true,
+        "shard_id": report.shard_id,
+        "digest": report.digest,
+        "vram_bytes": report.vram_bytes,
+        "elapsed_ns": u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX),
+        "backend": report.backend,
+    })))
+}
+
+/// `POST /v1/shards/{id}/attest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttestRequest {
+    /// 16 to 64 bytes, hex.
+    nonce: String,
+}
+
+async fn attest(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<Json<AttestRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(request) = body.map_err(|rejection| ApiError::from_json_rejection(&rejection))?;
+    let nonce = parse_nonce_hex(&request.nonce)?;
+    app.check_accepting()?;
+    let entry = app.entry(&id)?;
+    let permit = app.permit().await?;
+    let task_app = Arc::clone(&app);
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_app.attest_blocking(&entry, &nonce)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the attestation task failed"))?
+    .ok_or_else(|| ApiError::shard_not_found(&id))?;
+    Ok(Json(result?.to_json()))
+}
+
+/// `DELETE /v1/shards/{id}`: allowed while stopped (freeing memory is always safe).
+async fn evict(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = ShardId::new(&id)?;
+    let task_app = Arc::clone(&app);
+    let task_id = id.clone();
+    let freed = tokio::task::spawn_blocking(move || task_app.evict_blocking(&task_id))
+        .await
+        .map_err(|_| ApiError::internal("the eviction task failed"))??;
+    Ok(Json(json!({ "shard_id": id, "freed_bytes": freed })))
+}
+
+/// `GET /v1/worker`.
+async fn worker(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let manager = &app.manager;
+    let shards = app.snapshot();
+    let devices: Vec<Value> = manager
+        .devices()
+        .iter()
+        .map(|device| {
+            let capacity = manager.capacity(device.index).ok();
+            let on_device = shards
+                .iter()
+                .filter(|entry| entry.view.gpu_device == device.index)
+                .count();
+            json!({
+                "index": device.index,
+                "name": device.name,
+                "uuid": vram_residency::shard::format_uuid(&device.uuid),
+                "total_bytes": capacity.map(|c| c.total),
+                "used_bytes": capacity.map(|c| c.used),
+                "available_bytes": capacity.map(|c| c.available),
+                "headroom_bytes": manager.config().headroom_bytes,
+                "shards": on_device,
+            })
+        })
+        .collect();
+    let (state, reason) = match manager.state() {
+        WorkerState::Running => ("running", None),
+        WorkerState::Stopped { reason } => ("stopped", Some(reason)),
+    };
+    Json(json!({
+        "state": state,
+        "reason": reason,
+        "backend": manager.backend_kind(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "devices": devices,
+        "shards": shards.len(),
+        "max_model_bytes": manager.config().max_model_bytes,
+        "sweep_interval_s": app.sweep_interval.as_secs_f64(),
+    }))
+}
+
+/// `GET /healthz` (no token): 200 while running, 503 once stopped. Says nothing else.
+async fn healthz(State(app): State<Arc<AppState>>) -> Response {
+    match app.manager.state() {
+        WorkerState::Running => (StatusCode::OK, Json(json!({ "status": "running" }))),
+        WorkerState::Stopped { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "stopped" })),
+        ),
+    }
+    .into_response()
+}
+
+/// `GET /metrics` (token required).
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    let text = app.metrics.render(&app.manager, app.shard_count());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

@@ -1,0 +1,256 @@
+//! `vram-residency serve`: the worker service (axum on tokio; the core crate stays synchronous).
+//!
+//! Start-up: token (file or environment, never argv) → bearer check and audit key → models directory
+//! → backend → audit log (locked, verified, chain continued) → manager → listener. The bound address
+//! is printed on stdout as `listening on http://ADDR`, then requests are served until SIGTERM or
+//! SIGINT. Shutdown: stop accepting, let running requests finish, stop the sweep, wait for running
+//! operations, free every shard (each one audited), record `service_stopped`, sync the audit log.
+//! `docs/service.md` is the operator's guide.
+
+mod api;
+mod error;
+mod metrics;
+mod state;
+mod sweep;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use vram_residency::shard::unix_nanos;
+use vram_residency::{
+    AuditEntry, AuditEvent, AuditLog, AuditSink as _, BackendKind, ModelsDir, VramManager,
+};
+
+use crate::backends;
+use crate::cli::{BackendArgs, load_token, parse_bytes};
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory the model files are served from; commit paths are relative to it.
+    #[arg(long, env = "VRAM_RESIDENCY_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    /// File holding the worker token (else the VRAM_RESIDENCY_TOKEN environment variable). The token
+    /// is never accepted on the command line. Clients send it as `Authorization: Bearer <token>`.
+    #[arg(long, env = "VRAM_RESIDENCY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Address to listen on. Loopback by default; anything else should sit behind a TLS proxy.
+    #[arg(long, env = "VRAM_RESIDENCY_LISTEN", default_value = "127.0.0.1:8470")]
+    pub listen: SocketAddr,
+    /// The HMAC-chained audit log (created if missing; verified and continued if present).
+    #[arg(long, env = "VRAM_RESIDENCY_AUDIT_LOG")]
+    pub audit_log: PathBuf,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Re-verify every shard this often (e.g. 60s, 5m); 0 disables the sweep.
+    #[arg(long, env = "VRAM_RESIDENCY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+    /// Largest request body accepted.
+    #[arg(long, env = "VRAM_RESIDENCY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_body: u64,
+    /// Longest a request may take (408 after that; a commit still completes and registers).
+    #[arg(long, env = "VRAM_RESIDENCY_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Seals, verifications and attestations running at once; more wait their turn.
+    #[arg(long, env = "VRAM_RESIDENCY_MAX_PARALLEL_OPS", default_value_t = 4)]
+    pub max_parallel_ops: u32,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (examples: 60s, 5m): {e}"))
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let token = load_token(args.token_file.as_deref())?;
+    let bearer = token.bearer_check();
+    let audit_key = token.derive_keys().audit;
+    let models = ModelsDir::new(&args.models_dir)
+        .with_context(|| format!("models directory {}", args.models_dir.display()))?;
+    let backend = backends::open(args.backend.backend, args.backend.sim())?;
+    let kind = backend.kind();
+    let (audit_log, report) = AuditLog::open(&args.audit_log, audit_key, kind)?;
+    if let Some(torn) = &report.torn_tail {
+        eprintln!(
+            "warning: the audit log ended in a torn line (line {}, {} bytes, left by a crash); it is \
+             declared by a recovery record and the chain continues after record {}",
+            torn.line, torn.bytes, report.last_seq
+        );
+    }
+    let audit_log = Arc::new(audit_log);
+    let manager = Arc::new(VramManager::with_config(
+        &token,
+        backend,
+        args.backend.manager_config(),
+        Arc::clone(&audit_log) as Arc<dyn vram_residency::AuditSink>,
+    )?);
+    drop(token);
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    if kind == BackendKind::Sim {
+        eprintln!(
+            "warning: backend sim: simulated device memory in host RAM, NOT VRAM residency; every \
+             record says backend sim"
+        );
+    }
+    if !local.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {local}, which is not a loopback address; the API is plain HTTP, \
+             put it behind TLS"
+        );
+    }
+    let devices = u32::try_from(manager.devices().len()).unwrap_or(u32::MAX);
+    record(
+        &audit_log,
+        kind,
+        AuditEvent::ServiceStarted {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            devices,
+            listen: local.to_string(),
+        },
+    )?;
+
+    let app = Arc::new(state::AppState::new(
+        Arc::clone(&manager),
+        models,
+        bearer,
+        args.max_parallel_ops,
+        args.sweep_interval,
+    ));
+    let router = api::router(
+        Arc::clone(&app),
+        api::Limits {
+            max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
+            request_timeout: args.request_timeout,
+        },
+    );
+    let (stop_sweeps, sweeps_stopped) = watch::channel(false);
+    let sweeper = tokio::spawn(sweep::run(
+        Arc::clone(&app),
+        args.sweep_interval,
+        sweeps_stopped,
+    ));
+
+    println!("listening on http://{local}");
+    std::io::stdout().flush().context("writing to stdout")?;
+
+    let grace = args.request_timeout;
+    let signal = accept_until_signal(listener, router, grace).await;
+    eprintln!("{signal} received: shutting down");
+    let _ = stop_sweeps.send(true);
+    if sweeper.await.is_err() {
+        tracing::warn!("the sweep task ended abnormally");
+    }
+    let freed = app.shut_down(grace).await;
+    record(
+        &audit_log,
+        kind,
+        AuditEvent::ServiceStopped {
+            signal: signal.to_owned(),
+            shards_freed: freed,
+        },
+    )?;
+    audit_log.sync()?;
+    eprintln!("shutdown complete: {freed} shard(s) freed, audit log synced");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn record(log: &AuditLog, backend: BackendKind, event: AuditEvent) -> anyhow::Result<()> {
+    let entry = AuditEntry {
+        at_ns: unix_nanos(SystemTime::now()),
+        backend,
+        severity: event.severity(),
+        event,
+    };
+    tracing::info!(event = entry.event.name(), "audit");
+    log.record(&entry)?;
+    Ok(())
+}
+
+/// Serves connections (HTTP/1.1, header read timeout) until SIGTERM or SIGINT, then stops accepting
+/// and lets open connections finish for up to `grace`. Returns the signal's name.
+async fn accept_until_signal(
+    listener: TcpListener,
+    router: axum::Router,
+    grace: Duration,
+) -> &'static str {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut signal = std::pin::pin!(shutdown_signal());
+    let name = loop {
+        tokio::select! {
+            name = &mut signal => break name,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                let connection =
+                    builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let watched = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = watched.await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    };
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period");
+    }
+    name
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT stops the service");
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! What the worker service holds: the manager, the resident shards, the models directory, the bearer
+//! check, metrics, and the permits that bound concurrent heavy operations.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use vram_residency::{
+    Attestation, BearerCheck, ModelsDir, SealOptions, SealView, SealedShard, ShardId, VerifyReport,
+    VramError, VramManager, WorkerState,
+};
+
+use super::error::{ApiError, classify};
+use super::metrics::Metrics;
+
+/// One resident shard. Its public view never changes; the handle itself is behind a lock so that
+/// verifications (readers) and eviction (the writer, which takes it out) never overlap.
+pub struct ShardEntry {
+    pub view: SealView,
+    slot: RwLock<Option<SealedShard>>,
+}
+
+impl ShardEntry {
+    fn new(shard: SealedShard) -> Self {
+        Self {
+            view: shard.view(),
+            slot: RwLock::new(Some(shard)),
+        }
+    }
+
+    /// Runs `f` on the shard unless it was evicted meanwhile. Blocking: call from blocking threads.
+    pub fn with_shard<R>(&self, f: impl FnOnce(&SealedShard) -> R) -> Option<R> {
+        let guard = self.slot.read().unwrap_or_else(PoisonError::into_inner);
+        guard.as_ref().map(f)
+    }
+
+    /// Takes the shard out (waits for running verifications). Blocking.
+    pub fn take(&self) -> Option<SealedShard> {
+        self.slot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+pub struct AppState {
+    pub manager: Arc<VramManager>,
+    pub models: ModelsDir,
+    pub bearer: BearerCheck,
+    pub metrics: Metrics,
+    pub sweep_interval: Duration,
+    shards: Mutex<BTreeMap<ShardId, Arc<ShardEntry>>>,
+    ops: Arc<Semaphore>,
+    max_ops: u32,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        manager: Arc<VramManager>,
+        models: ModelsDir,
+        bearer: BearerCheck,
+        max_ops: u32,
+        sweep_interval: Duration,
+    ) -> Self {
+        let max_ops = max_ops.max(1);
+        Self {
+            manager,
+            models,
+            bearer,
+            metrics: Metrics::new(),
+            sweep_interval,
+            shards: Mutex::new(BTreeMap::new()),
+            ops: Arc::new(Semaphore::new(usize::try_from(max_ops).unwrap_or(1))),
+            max_ops,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn lock_shards(&self) -> MutexGuard<'_, BTreeMap<ShardId, Arc<ShardEntry>>> {
+        // The map is only ever changed by single insert/remove calls; a poisoned lock is still whole.
+        self.shards.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Refuses mutating and execute-like operations while the worker is stopped or shutting down.
+    pub fn check_accepting(&self) -> Result<(), ApiError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ApiError::shutting_down());
+        }
+        match self.manager.state() {
+            WorkerState::Running => Ok(()),
+            WorkerState::Stopped { reason } => Err(VramError::WorkerStopped { reason }.into()),
+        }
+    }
+
+    /// A permit for one heavy operation (seal, verify, attest); waits while all are taken.
+    pub async fn permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.ops)
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::shutting_down())
+    }
+
+    pub fn entry(&self, id: &str) -> Result<Arc<ShardEntry>, ApiError> {
+        let id = ShardId::new(id)?;
+        self.lock_shards()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::shard_not_found(id.as_str()))
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<ShardEntry>> {
+        self.lock_shards().values().cloned().collect()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.lock_shards().len()
+    }
+
+    /// Opens `model` inside the models directory, seals it and registers the shard. Blocking.
+    pub fn commit_blocking(
+        &self,
+        model: &str,
+        gpu: u32,
+        opts: &SealOptions,
+    ) -> Result<SealView, ApiError> {
+        let opened = self.models.open(model)?;
+        let started = Instant::now();
+        let sealed = self
+            .manager
+            .seal_open_file(opened.file, Path::new(model), gpu, opts);
+        let shard = sealed?;
+        // Latency of successful seals only: a refusal takes microseconds and says nothing.
+        self.metrics.seal_latency(started.elapsed());
+        let mut shards = self.lock_shards();
+        if self.shutting_down.load(Ordering::SeqCst) {
+            drop(shards);
+            if let Err(error) = self.manager.deallocate(shard) {
+                tracing::error!(%error, "freeing a shard sealed during shutdown");
+            }
+            return Err(ApiError::shutting_down());
+        }
+        let entry = Arc::new(ShardEntry::new(shard));
+        let view = entry.view.clone();
+        shards.insert(view.shard_id.clone(), entry);
+        Ok(view)
+    }
+
+    /// Verifies one shard and counts the result. `None` when it was evicted meanwhile. Blocking.
+    pub fn verify_blocking(&self, entry: &ShardEntry) -> Option<Result<VerifyReport, VramError>> {
+        let started = Instant::now();
+        let result = entry.with_shard(|shard| self.manager.verify_sealed(shard))?;
+        self.metrics
+            .verify(&result_label(&result), started.elapsed());
+        Some(result)
+    }
+
+    /// Attests one shard for `nonce` and counts the result. Blocking.
+    pub fn attest_blocking(
+        &self,
+        entry: &ShardEntry,
+        nonce: &[u8],
+    ) -> Option<Result<Attestation, VramError>> {
+        let started = Instant::now();
+        let result = entry.with_shard(|shard| self.manager.attest(shard, nonce))?;
+        let label = result_label(&result);
+        self.metrics.attest(&label);
+        // The attestation's own fresh verification counts as a verification.
+        if !matches!(
+            result,
+            Err(VramError::InvalidInput { .. } | VramError::WorkerStopped { .. })
+        ) {
+            self.metrics.verify(&label, started.elapsed());
+        }
+        Some(result)
+    }
+
+    /// Removes the shard from the registry and frees it (audited). Blocking.
+    pub fn evict_blocking(&self, id: &ShardId) -> Result<u64, ApiError> {
+        let entry = self
+            .lock_shards()
+            .remove(id)
+            .ok_or_else(|| ApiError::shard_not_found(id.as_str()))?;
+        let shard = entry
+            .take()
+            .ok_or_else(|| ApiError::shard_not_found(id.as_str()))?;
+        let bytes = shard.vram_bytes;
+        self.manager.deallocate(shard)?;
+        Ok(bytes)
+    }
+
+    /// Starts shutting down: no new operations, waits for running ones (up to `grace`), then frees
+    /// every shard (each one audited). Returns how many were freed.
+    pub async fn shut_down(&self, grace: Duration) -> u64 {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let all = tokio::time::timeout(grace, self.ops.acquire_many(self.max_ops)).await;
+        if all.is_err() {
+            tracing::warn!(
+                "operations still running after the grace period; freeing shards anyway"
+            );
+        }
+        self.ops.close();
+        let entries: Vec<Arc<ShardEntry>> = std::mem::take(&mut *self.lock_shards())
+            .into_values()
+            .collect();
+        let manager = Arc::clone(&self.manager);
+        let freed = tokio::task::spawn_blocking(move || {
+            let mut freed: u64 = 0;
+            for entry in entries {
+                if let Some(shard) = entry.take() {
+                    let id = shard.shard_id.clone();
+                    match manager.deallocate(shard) {
+                        Ok(()) => freed = freed.saturating_add(1),
+                        Err(error) => {
+                            tracing::error!(%error, shard = %id, "freeing a shard at shutdown")
+                        }
+                    }
+                }
+            }
+            freed
+        })
+        .await;
+        freed.unwrap_or(0)
+    }
+}
+
+/// `ok`, or the API error code of the failure.
+pub fn result_label<T>(result: &Result<T, VramError>) -> String {
+    match result {
+        Ok(_) => "ok".to_owned(),
+        Err(error) => classify(error).1.to_owned(),
+    }
+}

@@ -1,0 +1,1109 @@
+//! The worker service, tested as a client would: the built binary is started with
+//! `serve --backend sim --listen 127.0.0.1:0`, its address read from stdout, and driven over loopback.
+//! Every server is killed when its guard drops; every wait is bounded.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{TEST_TOKEN, bin, random_bytes};
+
+/// Longest any single wait in these tests may take.
+const BOUND: Duration = Duration::from_secs(60);
+const MIB: usize = 1 << 20;
+
+/// A temporary worker home: models, token, audit log, the server's stderr.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Home {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(models.join("sub")).unwrap();
+        std::fs::create_dir_all(models.join("subdir")).unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        std::fs::write(models.join("a.bin"), random_bytes(MIB, 1)).unwrap();
+        std::fs::write(models.join("sub/b.bin"), random_bytes(MIB, 2)).unwrap();
+        std::fs::write(models.join("empty.bin"), b"").unwrap();
+        std::fs::write(dir.path().join("secret.bin"), b"outside the models dir").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.bin"), models.join("escape.bin"))
+            .unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn model(&self, name: &str, bytes: &[u8]) {
+        std::fs::write(self.path("models").join(name), bytes).unwrap();
+    }
+
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.path("audit.log")).unwrap_or_default()
+    }
+
+    /// `vram-residency audit verify` on this home's log.
+    pub fn audit_verify(&self) -> Output {
+        bin()
+            .args(["audit", "verify"])
+            .arg(self.path("audit.log"))
+            .arg("--token-file")
+            .arg(self.path("token"))
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `serve` in this home, with sweeps off unless `extra` says otherwise.
+    pub fn start(&self, extra: &[&str]) -> Server {
+        self.try_start(extra, &[]).unwrap()
+    }
+
+    /// Starts `serve`; `Err(output)` when it exits before printing its address.
+    pub fn try_start(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+        let stderr_path = self.path(&format!("stderr-{}.log", unique()));
+        let mut command = bin();
+        command
+            .arg("serve")
+            .args(["--backend", "sim", "--listen", "127.0.0.1:0"])
+            .arg("--models-dir")
+            .arg(self.path("models"))
+            .arg("--audit-log")
+            .arg(self.path("audit.log"))
+            .args(["--sweep-interval", "0"]);
+        if !extra.contains(&"--sim-vram") {
+            command.args(["--sim-vram", "64MiB"]);
+        }
+        if !env.iter().any(|(k, _)| *k == "VRAM_RESIDENCY_TOKEN") {
+            command.arg("--token-file").arg(self.path("token"));
+        }
+        command
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap());
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(Result::ok);
+            let _ = tx.send(first);
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(BOUND).ok().flatten();
+        let mut guard = Server {
+            child,
+            base: String::new(),
+            stderr_path,
+            agent: agent(),
+        };
+        match line.and_then(|l| l.strip_prefix("listening on ").map(str::to_owned)) {
+            Some(base) => {
+                guard.base = base;
+                Ok(guard)
+            }
+            None => {
+                // Exited (or hung) before listening: make sure it is gone, then report its stderr.
+                let _ = guard.child.kill();
+                let _ = guard.child.wait();
+                Err(guard.stderr())
+            }
+        }
+    }
+}
+
+fn unique() -> usize {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(BOUND))
+        .build()
+        .into()
+}
+
+/// A running server; killed (SIGKILL) when dropped unless it already exited.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    stderr_path: PathBuf,
+    agent: ureq::Agent,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response: status, body as JSON (Null when not JSON), raw text and headers.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub json: Value,
+    pub text: String,
+    pub headers: String,
+}
+
+impl Server {
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a request with the given `Authorization` value (or none).
+    pub fn call(&self, method: &str, path: &str, auth: Option<&str>, body: Option<&str>) -> Reply {
+        let url = format!("{}{path}", self.base);
+        let auth = auth.unwrap_or("");
+        // An empty Authorization value stands for "no header" only when `auth` was None.
+        let response = match (method, body) {
+            ("GET", _) => header(self.agent.get(&url), auth).call(),
+            ("DELETE", _) => header(self.agent.delete(&url), auth).call(),
+            ("POST", Some(body)) => header(self.agent.post(&url), auth)
+                .content_type("application/json")
+                .send(body),
+            ("POST", None) => header(self.agent.post(&url), auth).send_empty(),
+            other => panic!("unsupported {other:?}"),
+        };
+        let mut response = response.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let headers = format!("{:?}", response.headers());
+        let text = response.body_mut().read_to_string().unwrap();
+        Reply {
+            status: response.status().as_u16(),
+            json: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
+            headers,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, Some(&bearer()), None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        self.call("POST", path, Some(&bearer()), Some(&body.to_string()))
+    }
+
+    pub fn delete(&self, path: &str) -> Reply {
+        self.call("DELETE", path, Some(&bearer()), None)
+    }
+
+    pub fn commit(&self, model: &str, shard_id: &str) -> Reply {
+        self.post(
+            "/v1/shards",
+            &json!({"model": model, "gpu": 0, "shard_id": shard_id}),
+        )
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        let worker = self.get("/v1/worker");
+        assert_eq!(worker.status, 200, "{}", worker.text);
+        worker.json["devices"][0]["used_bytes"].as_u64().unwrap()
+    }
+
+    pub fn shard_ids(&self) -> Vec<String> {
+        let list = self.get("/v1/shards");
+        assert_eq!(list.status, 200, "{}", list.text);
+        list.json["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["shard_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = wait_bounded(&mut self.child);
+        (exit, self.stderr())
+    }
+}
+
+fn header<B>(request: ureq::RequestBuilder<B>, auth: &str) -> ureq::RequestBuilder<B> {
+    if auth.is_empty() {
+        request
+    } else {
+        request.header("Authorization", auth)
+    }
+}
+
+fn wait_bounded(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn bearer() -> String {
+    format!("Bearer {TEST_TOKEN}")
+}
+
+fn error_code(reply: &Reply) -> &str {
+    reply.json["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+fn assert_error(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text);
+    assert_eq!(error_code(reply), code, "{}", reply.text);
+    assert!(
+        !reply.json["error"]["message"].as_str().unwrap().is_empty(),
+        "{}",
+        reply.text
+    );
+}
+
+/// Nothing resident, nothing admitted, no allocation in the audit log.
+fn assert_nothing_changed(server: &Server, home: &Home) {
+    assert!(server.shard_ids().is_empty());
+    assert_eq!(server.used_bytes(), 0);
+    assert!(!home.audit_log().contains("\"vram_allocated\""));
+}
+
+#[test]
+fn serve_bearer_token_is_required_on_v1_and_metrics_but_not_healthz_ci_006() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    let health = server.call("GET", "/healthz", None, None);
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json["status"], "running");
+
+    let near_miss = {
+        let mut t = TEST_TOKEN.to_owned();
+        t.pop();
+        t.push('X');
+        t
+    };
+    let wrong = [
+        None,
+        Some("Bearer".to_owned()),
+        Some("Bearer ".to_owned()),
+        Some(format!("Bearer {near_miss}")),
+        Some(format!("Bearer {TEST_TOKEN}x")),
+        Some(format!("Bearer {}", &TEST_TOKEN[..TEST_TOKEN.len() - 1])),
+        Some(format!("Basic {TEST_TOKEN}")),
+        Some(TEST_TOKEN.to_owned()),
+    ];
+    let routes = [
+        ("GET", "/v1/shards", None),
+        ("POST", "/v1/shards", Some(r#"{"model":"a.bin","gpu":0}"#)),
+        ("GET", "/v1/shards/x", None),
+        ("DELETE", "/v1/shards/x", None),
+        ("POST", "/v1/shards/x/verify", None),
+        ("POST", "/v1/shards/x/attest", Some(r#"{"nonce":"00"}"#)),
+        ("GET", "/v1/worker", None),
+        ("GET", "/metrics", None),
+    ];
+    for (method, path, body) in routes {
+        for auth in &wrong {
+            let reply = server.call(method, path, auth.as_deref(), body);
+            assert_error(&reply, 401, "unauthorized");
+            assert!(
+                reply.headers.to_lowercase().contains("www-authenticate"),
+                "{}",
+                reply.headers
+            );
+        }
+        let ok = server.call(method, path, Some(&bearer()), body);
+        assert_ne!(ok.status, 401, "{method} {path}: {}", ok.text);
+        // The scheme is case-insensitive (RFC 7235).
+        let lower = server.call(method, path, Some(&format!("bearer {TEST_TOKEN}")), body);
+        assert_ne!(lower.status, 401, "{method} {path}");
+    }
+    // The two authorised commits above sealed a.bin; nothing unauthorised was.
+    assert_eq!(server.shard_ids().len(), 2);
+}
+
+#[test]
+fn serve_refuses_model_paths_outside_the_models_dir_and_changes_nothing_iv_005() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    let outside = home.path("secret.bin").display().to_string();
+    let inside_absolute = home.path("models/a.bin").display().to_string();
+    for model in [
+        "../secret.bin",
+        "sub/../../secret.bin",
+        "sub/../a.bin",
+        outside.as_str(),
+        inside_absolute.as_str(),
+        "/etc/passwd",
+        "escape.bin",
+        "subdir",
+        ".",
+        "",
+        "a.bin\u{0}",
+    ] {
+        let reply = server.post("/v1/shards", &json!({"model": model, "gpu": 0}));
+        assert_error(&reply, 400, "invalid_model_path");
+        let host = home.dir.path().display().to_string();
+        if !model.contains(&host) {
+            assert!(
+                !reply.text.contains(&host),
+                "the reply names a host path: {}",
+                reply.text
+            );
+        }
+    }
+    let missing = server.post("/v1/shards", &json!({"model": "missing.bin", "gpu": 0}));
+    assert_error(&missing, 404, "model_not_found");
+    let empty = server.post("/v1/shards", &json!({"model": "empty.bin", "gpu": 0}));
+    assert_error(&empty, 422, "empty_model");
+    assert_nothing_changed(&server, &home);
+    // The same paths inside are fine.
+    assert_eq!(server.commit("sub/b.bin", "b").status, 201);
+}
+
+#[test]
+fn serve_malformed_json_and_invalid_fields_get_400_and_change_nothing_iv_003_iv_004() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    let raw = |body: &str| server.call("POST", "/v1/shards", Some(&bearer()), Some(body));
+    for body in [
+        "{",
+        "",
+        "[]",
+        "null",
+        r#"{"model":5,"gpu":0}"#,
+        r#"{"model":"a.bin"}"#,
+        r#"{"model":"a.bin","gpu":-1}"#,
+        r#"{"model":"a.bin","gpu":0,"vram_ptr":1}"#,
+        r#"{"model":"a.bin","gpu":0,"total_shards":"2"}"#,
+    ] {
+        assert_error(&raw(body), 400, "invalid_json");
+    }
+    let field_cases = [
+        (
+            json!({"model":"a.bin","gpu":0,"shard_id":"a/b"}),
+            "invalid_shard_id",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"shard_id":"../x"}),
+            "invalid_shard_id",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"shard_id":"a\u{0}b"}),
+            "invalid_shard_id",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"shard_id":"x".repeat(257)}),
+            "invalid_shard_id",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"shard_id":""}),
+            "invalid_shard_id",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"expected_digest":"sha256:xyz"}),
+            "invalid_digest",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"expected_digest":"md5:00"}),
+            "invalid_digest",
+        ),
+        (json!({"model":"a.bin","gpu":7}), "invalid_gpu"),
+        (
+            json!({"model":"a.bin","gpu":0,"model_ref":"a\u{0}b"}),
+            "invalid_field",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"model_ref":"x".repeat(1025)}),
+            "invalid_field",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"shard_index":2,"total_shards":2}),
+            "invalid_field",
+        ),
+        (
+            json!({"model":"a.bin","gpu":0,"total_shards":0}),
+            "invalid_field",
+        ),
+    ];
+    for (body, code) in field_cases {
+        assert_error(&server.post("/v1/shards", &body), 400, code);
+    }
+    // Not JSON at all.
+    let url = format!("{}/v1/shards", server.base);
+    let mut plain = agent()
+        .post(&url)
+        .header("Authorization", bearer())
+        .content_type("text/plain")
+        .send(r#"{"model":"a.bin","gpu":0}"#)
+        .unwrap();
+    assert_eq!(plain.status().as_u16(), 415);
+    let text = plain.body_mut().read_to_string().unwrap();
+    assert!(text.contains("unsupported_media_type"), "{text}");
+    assert_nothing_changed(&server, &home);
+
+    // Attest nonces: hex, 16 to 64 bytes.
+    assert_eq!(server.commit("a.bin", "a").status, 201);
+    for nonce in ["abc", "zz", &"00".repeat(15), &"00".repeat(65)] {
+        let reply = server.post("/v1/shards/a/attest", &json!({ "nonce": nonce }));
+        assert_error(&reply, 400, "invalid_field");
+    }
+    assert_error(
+        &server.post("/v1/shards/a/attest", &json!({})),
+        400,
+        "invalid_json",
+    );
+    // Unknown routes and methods answer in the same shape.
+    assert_error(&server.get("/v1/nope"), 404, "not_found");
+    assert_error(
+        &server.call("DELETE", "/v1/shards", Some(&bearer()), None),
+        405,
+        "method_not_allowed",
+    );
+}
+
+#[test]
+fn serve_oversized_bodies_get_413_and_change_nothing() {
+    let home = Home::new();
+    let server = home.start(&["--max-body", "64KiB"]);
+    let huge = json!({"model": "a".repeat(100 * 1024), "gpu": 0});
+    assert_error(&server.post("/v1/shards", &huge), 413, "body_too_large");
+    let huge_nonce = json!({"nonce": "0".repeat(100 * 1024)});
+    assert_error(
+        &server.post("/v1/shards/x/attest", &huge_nonce),
+        413,
+        "body_too_large",
+    );
+
+    // A client that announces 10 MB and sends a little: refused on the announcement.
+    let address = server.base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(BOUND)).unwrap();
+    write!(
+        stream,
+        "POST /v1/shards HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TEST_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{{\"model\":\""
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&response).contains("body_too_large") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert_nothing_changed(&server, &home);
+}
+
+#[test]
+fn serve_unknown_shards_are_404_and_duplicate_ids_409_iv_003() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    let nonce = json!({"nonce": "11".repeat(16)});
+    assert_error(&server.get("/v1/shards/ghost"), 404, "shard_not_found");
+    assert_error(&server.delete("/v1/shards/ghost"), 404, "shard_not_found");
+    assert_error(
+        &server.post("/v1/shards/ghost/verify", &json!({})),
+        404,
+        "shard_not_found",
+    );
+    assert_error(
+        &server.post("/v1/shards/ghost/attest", &nonce),
+        404,
+        "shard_not_found",
+    );
+    assert_error(&server.get("/v1/shards/not.valid"), 400, "invalid_shard_id");
+
+    assert_eq!(server.commit("a.bin", "dup").status, 201);
+    let used = server.used_bytes();
+    assert_error(
+        &server.commit("sub/b.bin", "dup"),
+        409,
+        "duplicate_shard_id",
+    );
+    assert_eq!(server.used_bytes(), used);
+    assert_eq!(server.shard_ids(), ["dup"]);
+    // Once evicted, the id is free again.
+    assert_eq!(server.delete("/v1/shards/dup").status, 200);
+    assert_eq!(server.commit("sub/b.bin", "dup").status, 201);
+}
+
+#[test]
+fn serve_capacity_exhaustion_is_507_with_an_actionable_message_vp_004_rp_004() {
+    let home = Home::new();
+    // 3 MiB device, 512 KiB headroom: two 1 MiB models fit, a third does not.
+    let server = home.start(&["--sim-vram", "3MiB", "--headroom", "512KiB"]);
+    assert_eq!(server.commit("a.bin", "one").status, 201);
+    assert_eq!(server.commit("sub/b.bin", "two").status, 201);
+    let full = server.commit("a.bin", "three");
+    assert_error(&full, 507, "insufficient_vram");
+    let message = full.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("evict"), "{message}");
+    assert!(message.contains("1048576 bytes needed"), "{message}");
+    assert_eq!(server.used_bytes(), 2 * MIB as u64);
+    let worker = server.get("/v1/worker");
+    assert_eq!(worker.json["devices"][0]["available_bytes"], 512 * 1024);
+    assert_eq!(server.delete("/v1/shards/one").status, 200);
+    assert_eq!(server.commit("a.bin", "three").status, 201);
+    assert_eq!(server.used_bytes(), 2 * MIB as u64);
+}
+
+#[test]
+fn serve_concurrent_commits_admit_exactly_what_fits_rp_001() {
+    let home = Home::new();
+    let size = 1_500_000u64;
+    home.model("c.bin", &random_bytes(size as usize, 3));
+    let capacity = 10 * MIB as u64;
+    let server = Arc::new(home.start(&["--sim-vram", "10MiB", "--max-parallel-ops", "8"]));
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let server = Arc::clone(&server);
+                s.spawn(move || {
+                    let reply = server.commit("c.bin", &format!("c-{i}"));
+                    (reply.status, error_code(&reply).to_owned())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let admitted = statuses.iter().filter(|(s, _)| *s == 201).count() as u64;
+    for (status, code) in &statuses {
+        assert!(
+            *status == 201 || (*status == 507 && code == "insufficient_vram"),
+            "{status} {code}"
+        );
+    }
+    assert_eq!(admitted, capacity / size, "{statuses:?}");
+    assert!(admitted * size <= capacity);
+    assert_eq!(server.used_bytes(), admitted * size);
+    assert_eq!(server.shard_ids().len() as u64, admitted);
+}
+
+#[test]
+fn serve_commit_verify_attest_evict_and_check_the_attestation_offline_vp_006_ci_007() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    let expected = vram_residency::digest::digest_bytes(&random_bytes(MIB, 1))
+        .unwrap()
+        .digest()
+        .to_string();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let mismatch = server.post(
+        "/v1/shards",
+        &json!({"model": "a.bin", "gpu": 0, "shard_id": "m", "expected_digest": wrong}),
+    );
+    assert_error(&mismatch, 422, "digest_mismatch");
+    // The digest is measured in device memory, so this one was allocated, and freed again (audited).
+    assert!(server.shard_ids().is_empty());
+    assert_eq!(server.used_bytes(), 0);
+    let log = home.audit_log();
+    assert_eq!(
+        log.matches("\"event\":\"vram_allocated\"").count(),
+        log.matches("\"event\":\"vram_deallocated\"").count()
+    );
+
+    let committed = server.post(
+        "/v1/shards",
+        &json!({"model": "a.bin", "gpu": 0, "shard_id": "m", "expected_digest": expected,
+                "model_ref": "org/model", "shard_index": 1, "total_shards": 2}),
+    );
+    assert_eq!(committed.status, 201, "{}", committed.text);
+    assert_eq!(committed.json["backend"], "sim");
+    assert_eq!(committed.json["digest"], expected.as_str());
+    assert_eq!(committed.json["vram_bytes"], MIB);
+    assert_eq!(committed.json["model_ref"], "org/model");
+    assert_eq!(server.get("/v1/shards/m").json, committed.json);
+
+    let verified = server.post("/v1/shards/m/verify", &json!({}));
+    assert_eq!(verified.status, 200, "{}", verified.text);
+    assert_eq!(verified.json["verified"], true);
+    assert_eq!(verified.json["digest"], expected.as_str());
+
+    let nonce = "5a".repeat(32);
+    let attested = server.post("/v1/shards/m/attest", &json!({ "nonce": nonce }));
+    assert_eq!(attested.status, 200, "{}", attested.text);
+    assert_eq!(attested.json["backend"], "sim");
+    assert_eq!(attested.json["device"]["driver_version"], "sim");
+    assert_eq!(attested.json["residency"]["verdict"], "simulated");
+    assert_eq!(attested.json["shard"]["digest"], expected.as_str());
+    assert_eq!(attested.json["nonce"], nonce.as_str());
+    let file = home.path("attestation.json");
+    std::fs::write(&file, &attested.text).unwrap();
+
+    let check = |file: &Path, token: &Path, nonce: &str| {
+        bin()
+            .args(["attest", "verify"])
+            .arg(file)
+            .arg("--token-file")
+            .arg(token)
+            .args(["--nonce", nonce])
+            .output()
+            .unwrap()
+    };
+    let ok = check(&file, &home.path("token"), &nonce);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(stdout.starts_with("OK"), "{stdout}");
+    assert!(stdout.contains("NOT VRAM residency"), "{stdout}");
+
+    let other_nonce = check(&file, &home.path("token"), &"5b".repeat(32));
+    assert!(!other_nonce.status.success());
+    assert!(String::from_utf8_lossy(&other_nonce.stdout).contains("nonce"));
+
+    std::fs::write(
+        home.path("other-token"),
+        "another-token-0123456789abcdef012345",
+    )
+    .unwrap();
+    let other_token = check(&file, &home.path("other-token"), &nonce);
+    assert!(!other_token.status.success());
+
+    let changed = attested.text.replace("org/model", "org/modeL");
+    assert_ne!(changed, attested.text);
+    std::fs::write(home.path("changed.json"), changed).unwrap();
+    assert!(
+        !check(&home.path("changed.json"), &home.path("token"), &nonce)
+            .status
+            .success()
+    );
+    let cuda = attested
+        .text
+        .replace("\"backend\":\"sim\"", "\"backend\":\"cuda\"");
+    std::fs::write(home.path("cuda.json"), cuda).unwrap();
+    assert!(
+        !check(&home.path("cuda.json"), &home.path("token"), &nonce)
+            .status
+            .success()
+    );
+
+    let evicted = server.delete("/v1/shards/m");
+    assert_eq!(evicted.status, 200, "{}", evicted.text);
+    assert_eq!(evicted.json["freed_bytes"], MIB);
+    assert_eq!(server.used_bytes(), 0);
+    assert_error(&server.get("/v1/shards/m"), 404, "shard_not_found");
+    let log = home.audit_log();
+    for event in ["vram_sealed", "seal_verified", "vram_deallocated"] {
+        assert!(log.contains(&format!("\"event\":\"{event}\"")), "{event}");
+    }
+}
+
+#[test]
+fn serve_metrics_report_capacity_operations_and_state() {
+    let home = Home::new();
+    let server = home.start(&["--sim-vram", "1MiB"]);
+    assert_eq!(server.commit("a.bin", "a").status, 201);
+    assert_eq!(server.commit("sub/b.bin", "b").status, 507);
+    assert_eq!(server.post("/v1/shards/a/verify", &json!({})).status, 200);
+    let metrics = server.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.headers.contains("openmetrics-text"),
+        "{}",
+        metrics.headers
+    );
+    let text = &metrics.text;
+    for line in [
+        "vram_total_bytes{gpu=\"0\"} 1048576",
+        "vram_used_bytes{gpu=\"0\"} 1048576",
+        "vram_available_bytes{gpu=\"0\"} 0",
+        "vram_seal_operations_total{result=\"ok\"} 1",
+        "vram_seal_operations_total{result=\"insufficient_vram\"} 1",
+        "vram_verify_operations_total{result=\"ok\"} 1",
+        "vram_seal_duration_seconds_count 1",
+        "vram_verify_duration_seconds_count 1",
+        "vram_shards 1",
+        "vram_worker_stopped 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[test]
+fn serve_sigterm_frees_every_shard_and_leaves_a_verifying_audit_log_rp_005() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    for (model, id) in [("a.bin", "s1"), ("sub/b.bin", "s2"), ("a.bin", "s3")] {
+        assert_eq!(server.commit(model, id).status, 201);
+    }
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("SIGTERM received"), "{stderr}");
+    assert!(stderr.contains("3 shard(s) freed"), "{stderr}");
+    let log = home.audit_log();
+    assert_eq!(log.matches("\"event\":\"vram_deallocated\"").count(), 3);
+    let last = log.lines().last().unwrap();
+    assert!(last.contains("\"event\":\"service_stopped\""), "{last}");
+    assert!(last.contains("\"shards_freed\":3"), "{last}");
+    let verify = home.audit_verify();
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success(), "{out}");
+    assert!(out.starts_with("OK"), "{out}");
+
+    // A restart continues the same chain.
+    let again = home.start(&[]);
+    assert_eq!(again.commit("a.bin", "s4").status, 201);
+    let (status, _) = again.terminate();
+    assert!(status.success());
+    let out = String::from_utf8_lossy(&home.audit_verify().stdout).into_owned();
+    assert!(out.starts_with("OK"), "{out}");
+    assert!(home.audit_log().matches("service_started").count() == 2);
+}
+
+#[test]
+fn serve_kill_9_during_commits_leaves_at_most_a_torn_tail_in_the_audit_log() {
+    let home = Home::new();
+    home.model("big.bin", &random_bytes(8 * MIB, 4));
+    let server = home.start(&["--sim-vram", "1GiB", "--max-parallel-ops", "4"]);
+    let stop = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (server, stop, done) = (&server, &stop, &done);
+            s.spawn(move || {
+                let agent = agent();
+                for i in 0..200 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let url = format!("{}/v1/shards", server.base);
+                    let body =
+                        json!({"model": "big.bin", "gpu": 0, "shard_id": format!("k{t}-{i}")});
+                    let sent = agent
+                        .post(&url)
+                        .header("Authorization", bearer())
+                        .content_type("application/json")
+                        .send(body.to_string());
+                    match sent {
+                        Ok(r) if r.status().as_u16() == 201 => {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // The server died under us, or capacity ran out: stop this client.
+                        _ => break,
+                    }
+                }
+            });
+        }
+        // Kill while commits are in flight, after a few have completed.
+        let deadline = Instant::now() + BOUND;
+        while done.load(Ordering::SeqCst) < 6 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Command::new("kill")
+            .args(["-KILL", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        stop.store(true, Ordering::SeqCst);
+    });
+    assert!(done.load(Ordering::SeqCst) >= 6);
+    let verify = home.audit_verify();
+    let out = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert!(verify.status.success(), "{out}");
+    assert!(out.starts_with("OK"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+    let sealed = home
+        .audit_log()
+        .matches("\"event\":\"vram_sealed\"")
+        .count();
+    assert!(sealed >= 6, "{sealed}");
+
+    // The lock died with the process: a new worker continues the chain (recovering a torn tail if
+    // the kill left one).
+    let again = home.start(&[]);
+    assert!(again.shard_ids().is_empty(), "nothing survives a kill -9");
+    let (status, stderr) = again.terminate();
+    assert!(status.success(), "{stderr}");
+    let out = String::from_utf8_lossy(&home.audit_verify().stdout).into_owned();
+    assert!(out.starts_with("OK"), "{out}");
+    assert!(!out.contains("TORN TAIL"), "{out}");
+}
+
+#[test]
+fn serve_refuses_to_start_on_a_locked_or_tampered_audit_log() {
+    let home = Home::new();
+    let first = home.start(&[]);
+    let second = home
+        .try_start(&[], &[])
+        .err()
+        .expect("a second writer must be refused");
+    assert!(second.contains("locked"), "{second}");
+    let (status, _) = first.terminate();
+    assert!(status.success());
+
+    let log = home.audit_log();
+    std::fs::write(
+        home.path("audit.log"),
+        log.replacen("\"devices\":1", "\"devices\":2", 1),
+    )
+    .unwrap();
+    let tampered = home
+        .try_start(&[], &[])
+        .err()
+        .expect("a tampered log must be refused");
+    assert!(tampered.contains("does not verify at line 1"), "{tampered}");
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_token_or_with_the_missing_cuda_backend() {
+    let home = Home::new();
+    let out = bin()
+        .arg("serve")
+        .arg("--models-dir")
+        .arg(home.path("models"))
+        .arg("--audit-log")
+        .arg(home.path("audit.log"))
+        .args(["--backend", "sim"])
+        .env_remove("VRAM_RESIDENCY_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token-file"));
+    let cuda = bin()
+        .arg("serve")
+        .arg("--models-dir")
+        .arg(home.path("models"))
+        .arg("--audit-log")
+        .arg(home.path("audit.log"))
+        .arg("--token-file")
+        .arg(home.path("token"))
+        .args(["--backend", "cuda", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!cuda.status.success());
+    let stderr = String::from_utf8_lossy(&cuda.stderr);
+    assert!(stderr.contains("CUDA backend"), "{stderr}");
+    assert!(cuda.stdout.is_empty(), "it must not start listening");
+    let argv = bin()
+        .args(["serve", "--token", TEST_TOKEN])
+        .output()
+        .unwrap();
+    assert!(!argv.status.success());
+}
+
+#[test]
+fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
+    let home = Home::new();
+    // Token from the environment this time, and every log line on.
+    let server = home
+        .try_start(&["-vv"], &[("VRAM_RESIDENCY_TOKEN", TEST_TOKEN)])
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.pid())).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(TEST_TOKEN));
+
+    let mut seen = String::new();
+    let mut keep = |reply: Reply| {
+        seen.push_str(&reply.headers);
+        seen.push_str(&reply.text);
+        reply
+    };
+    keep(server.call("GET", "/v1/worker", None, None));
+    keep(server.call(
+        "GET",
+        "/v1/worker",
+        Some(&format!("Bearer {TEST_TOKEN}0")),
+        None,
+    ));
+    keep(server.commit("a.bin", "leak"));
+    keep(server.commit("a.bin", "leak"));
+    keep(server.commit("../secret.bin", "x"));
+    keep(server.post("/v1/shards", &json!({"model": "a.bin", "gpu": 9})));
+    keep(server.get("/v1/shards"));
+    keep(server.get("/v1/shards/leak"));
+    keep(server.post("/v1/shards/leak/verify", &json!({})));
+    let attestation =
+        keep(server.post("/v1/shards/leak/attest", &json!({"nonce": "ab".repeat(20)})));
+    assert_eq!(attestation.status, 200);
+    keep(server.get("/v1/worker"));
+    keep(server.get("/metrics"));
+    keep(server.delete("/v1/shards/leak"));
+    let (status, stderr) = server.terminate();
+    assert!(status.success());
+    seen.push_str(&stderr);
+    seen.push_str(&home.audit_log());
+
+    // The token, its hash, and the three derived keys.
+    let mut secrets = vec![TEST_TOKEN.to_owned()];
+    {
+        use sha2::Digest as _;
+        secrets.push(hex::encode(sha2::Sha256::digest(TEST_TOKEN.as_bytes())));
+    }
+    for info in ["seal", "audit", "attestation"] {
+        let mut key = [0u8; 32];
+        vram_residency::keys::hkdf_sha256(
+            b"vram-residency/hkdf-salt/v1",
+            TEST_TOKEN.as_bytes(),
+            format!("vram-residency {info} key v1").as_bytes(),
+            &mut key,
+        )
+        .unwrap();
+        secrets.push(hex::encode(key));
+    }
+    for secret in &secrets {
+        assert!(!seen.contains(secret.as_str()), "a secret leaked");
+    }
+    assert!(
+        !seen.contains(&TEST_TOKEN[..16]),
+        "part of the token leaked"
+    );
+    // No pointer-like value (0x followed by 8+ hex digits) and no pointer field anywhere.
+    let lower = seen.to_lowercase();
+    for (i, _) in lower.match_indices("0x") {
+        let digits = lower[i + 2..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .count();
+        assert!(
+            digits < 8,
+            "pointer-like value near {:?}",
+            &lower[i..(i + 20).min(lower.len())]
+        );
+    }
+    for field in ["ptr", "pointer", "address\""] {
+        assert!(!lower.contains(field), "{field} appears");
+    }
+    assert!(
+        stderr.contains("DEBUG") || stderr.contains("INFO"),
+        "logging was on: {stderr}"
+    );
+}
+
+#[test]
+fn audit_verify_reports_a_torn_tail_as_such_and_tampering_as_failure_with_the_line() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    assert_eq!(server.commit("a.bin", "t").status, 201);
+    assert_eq!(server.delete("/v1/shards/t").status, 200);
+    let (status, _) = server.terminate();
+    assert!(status.success());
+    let log = home.audit_log();
+    let records = log.lines().count();
+    assert!(records >= 5);
+
+    // Torn: half of another line, no newline.
+    let mut torn = log.clone();
+    let half = log.lines().nth(1).unwrap();
+    torn.push_str(&half[..half.len() / 2]);
+    std::fs::write(home.path("audit.log"), &torn).unwrap();
+    let out = home.audit_verify();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("OK: "), "{text}");
+    assert!(
+        text.contains(&format!("{records} record(s) verified")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("TORN TAIL: line {}", records + 1)),
+        "{text}"
+    );
+
+    // Tampered: one character of record 3 changed.
+    let lines: Vec<&str> = log.lines().collect();
+    let changed = lines[2].replacen("\"gpu\":0", "\"gpu\":1", 1);
+    assert_ne!(changed, lines[2]);
+    let mut tampered: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    tampered[2] = changed;
+    std::fs::write(home.path("audit.log"), tampered.join("\n") + "\n").unwrap();
+    let out = home.audit_verify();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.starts_with("FAILED"), "{text}");
+    assert!(text.contains("line 3"), "{text}");
+    assert!(text.contains("2 record(s) before it verified"), "{text}");
+
+    // A removed record breaks the sequence at the line where it was.
+    let mut removed: Vec<&str> = lines.clone();
+    removed.remove(1);
+    std::fs::write(home.path("audit.log"), removed.join("\n") + "\n").unwrap();
+    let text = String::from_utf8_lossy(&home.audit_verify().stdout).into_owned();
+    assert!(
+        text.starts_with("FAILED") && text.contains("line 2"),
+        "{text}"
+    );
+
+    // Another token: the first record already fails.
+    std::fs::write(home.path("audit.log"), &log).unwrap();
+    std::fs::write(home.path("token"), "another-token-0123456789abcdef012345").unwrap();
+    let text = String::from_utf8_lossy(&home.audit_verify().stdout).into_owned();
+    assert!(
+        text.starts_with("FAILED") && text.contains("line 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn openapi_documents_every_route() {
+    let spec = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/openapi.yaml"
+    ))
+    .unwrap();
+    assert!(spec.starts_with("openapi: 3."));
+    for (path, methods) in [
+        ("/v1/shards", &["get", "post"][..]),
+        ("/v1/shards/{id}", &["get", "delete"]),
+        ("/v1/shards/{id}/verify", &["post"]),
+        ("/v1/shards/{id}/attest", &["post"]),
+        ("/v1/worker", &["get"]),
+        ("/metrics", &["get"]),
+        ("/healthz", &["get"]),
+    ] {
+        let at = spec
+            .find(&format!("\n  {path}:\n"))
+            .unwrap_or_else(|| panic!("{path} is not documented"));
+        let section: String = spec[at + 1..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for method in methods {
+            assert!(
+                section.contains(&format!("\n    {method}:"))
+                    || section.starts_with(&format!("    {method}:")),
+                "{method} {path} is not documented"
+            );
+        }
+    }
+    for code in [
+        "unauthorized",
+        "invalid_json",
+        "invalid_model_path",
+        "shard_not_found",
+        "duplicate_shard_id",
+        "body_too_large",
+        "digest_mismatch",
+        "insufficient_vram",
+        "worker_stopped",
+    ] {
+        assert!(spec.contains(code), "error code {code} is not documented");
+    }
+}

@@ -1,0 +1,277 @@
+//! Model paths confined to one directory (the worker service's `--models-dir`).
+//!
+//! A caller names a model by a path *relative to* the models directory. [`ModelsDir::open`] refuses,
+//! before touching the file system: an empty path, a NUL byte, an absolute path and any `..`
+//! component. It then resolves the path (`canonicalize`: every symlink followed), refuses a result that
+//! is not inside the (canonical) models directory — a symlink that points outside — and anything that
+//! is not a regular file (directories, FIFOs, devices). On Linux it finally asks the kernel where the
+//! opened file descriptor really points (`/proc/self/fd/N`), so a directory swapped for a symlink between
+//! the check and the `open` is caught too.
+//!
+//! Errors name the path as the caller gave it, never the host's absolute path.
+
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Result, VramError};
+
+/// Longest relative model path accepted, in bytes.
+pub const MAX_MODEL_PATH_LEN: usize = 4096;
+
+/// The directory model files are served from, canonicalised at start.
+#[derive(Debug, Clone)]
+pub struct ModelsDir {
+    root: PathBuf,
+}
+
+/// A model file opened inside the models directory.
+#[derive(Debug)]
+pub struct OpenModel {
+    /// The open file; seal from this handle, not by path again.
+    pub file: File,
+    /// Its canonical path (inside the models directory).
+    pub path: PathBuf,
+    /// Its size in bytes when opened.
+    pub len: u64,
+}
+
+impl ModelsDir {
+    /// Canonicalises `root`, which must be an existing directory.
+    ///
+    /// # Errors
+    /// [`VramError::Io`] when it cannot be resolved; [`VramError::InvalidInput`] when it is not a
+    /// directory.
+    pub fn new(root: &Path) -> Result<Self> {
+        let canonical = root.canonicalize().map_err(|source| VramError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        if !canonical.is_dir() {
+            return Err(VramError::InvalidInput {
+                field: "models directory",
+                reason: format!("{} is not a directory", root.display()),
+            });
+        }
+        Ok(Self { root: canonical })
+    }
+
+    /// The canonical models directory.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Resolves `relative` to the canonical path of a regular file inside the models directory.
+    ///
+    /// # Errors
+    /// [`VramError::InvalidModelPath`] for a refused path (see the module docs),
+    /// [`VramError::ModelNotFound`] when nothing is there.
+    pub fn resolve(&self, relative: &str) -> Result<PathBuf> {
+        check_relative(relative)?;
+        let joined = self.root.join(relative);
+        let canonical = joined.canonicalize().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                VramError::ModelNotFound {
+                    path: shown(relative),
+                }
+            } else {
+                refused(relative, &format!("it cannot be resolved ({})", e.kind()))
+            }
+        })?;
+        if canonical == self.root {
+            return Err(refused(relative, "it is the models directory itself"));
+        }
+        if !canonical.starts_with(&self.root) {
+            return Err(refused(
+                relative,
+                "it resolves outside the models directory (a symlink that points out of it?)",
+            ));
+        }
+        let metadata = std::fs::metadata(&canonical)
+            .map_err(|e| refused(relative, &format!("it cannot be read ({})", e.kind())))?;
+        if !metadata.is_file() {
+            return Err(refused(relative, "it is not a regular file"));
+        }
+        Ok(canonical)
+    }
+
+    /// Resolves and opens `relative` (see the module docs for every check).
+    ///
+    /// # Errors
+    /// As [`resolve`](Self::resolve); [`VramError::InvalidModelPath`] when the opened file is not the
+    /// one that was checked.
+    pub fn open(&self, relative: &str) -> Result<OpenModel> {
+        let path = self.resolve(relative)?;
+        let file = File::open(&path)
+            .map_err(|e| refused(relative, &format!("it cannot be opened ({})", e.kind())))?;
+        let metadata = file
+            .metadata()
+            .map_err(|e| refused(relative, &format!("it cannot be read ({})", e.kind())))?;
+        if !metadata.is_file() {
+            return Err(refused(relative, "it is not a regular file"));
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd as _;
+            let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .map_err(|e| refused(relative, &format!("it cannot be checked ({})", e.kind())))?;
+            if !real.starts_with(&self.root) {
+                return Err(refused(
+                    relative,
+                    "it changed while being opened and now resolves outside the models directory",
+                ));
+            }
+        }
+        Ok(OpenModel {
+            file,
+            path,
+            len: metadata.len(),
+        })
+    }
+}
+
+/// The checks that need no file system: non-empty, no NUL, not absolute, no `..`, bounded length.
+///
+/// # Errors
+/// [`VramError::InvalidModelPath`].
+pub fn check_relative(relative: &str) -> Result<()> {
+    if relative.is_empty() {
+        return Err(refused(relative, "it is empty"));
+    }
+    if relative.len() > MAX_MODEL_PATH_LEN {
+        return Err(refused(relative, "it is longer than 4096 bytes"));
+    }
+    if relative.contains('\0') {
+        return Err(refused(relative, "it contains a NUL byte"));
+    }
+    let path = Path::new(relative);
+    if path.is_absolute() || relative.starts_with('/') {
+        return Err(refused(
+            relative,
+            "absolute paths are refused; give a path relative to the models directory",
+        ));
+    }
+    for component in path.components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err(refused(relative, "'..' components are refused")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(refused(relative, "absolute paths are refused"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The path as the caller gave it, shortened for messages.
+fn shown(relative: &str) -> String {
+    const MAX: usize = 200;
+    if relative.len() <= MAX {
+        relative.to_owned()
+    } else {
+        let mut end = MAX;
+        while !relative.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        format!("{}...", relative.get(..end).unwrap_or_default())
+    }
+}
+
+fn refused(relative: &str, reason: &str) -> VramError {
+    VramError::InvalidModelPath {
+        path: shown(relative),
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        models: ModelsDir,
+        outside: PathBuf,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("models");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("a.bin"), b"model").unwrap();
+        std::fs::write(root.join("sub/b.bin"), b"model").unwrap();
+        let outside = dir.path().join("secret.bin");
+        std::fs::write(&outside, b"not a model").unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&outside, root.join("escape.bin")).unwrap();
+            std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
+            std::os::unix::fs::symlink(root.join("a.bin"), root.join("inside-link.bin")).unwrap();
+        }
+        let models = ModelsDir::new(&root).unwrap();
+        Fixture {
+            _dir: dir,
+            models,
+            outside,
+        }
+    }
+
+    fn refused_reason(f: &Fixture, path: &str) -> String {
+        match f.models.open(path) {
+            Err(VramError::InvalidModelPath { reason, .. }) => reason,
+            other => panic!("{path:?} was not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn relative_paths_inside_are_opened() {
+        let f = fixture();
+        for ok in ["a.bin", "sub/b.bin", "./a.bin", "sub//b.bin"] {
+            let model = f.models.open(ok).unwrap();
+            assert_eq!(model.len, 5);
+            assert!(model.path.starts_with(f.models.root()));
+        }
+        #[cfg(unix)]
+        assert!(f.models.open("inside-link.bin").is_ok());
+    }
+
+    #[test]
+    fn traversal_and_absolute_paths_are_refused_before_any_lookup_iv_005() {
+        let f = fixture();
+        assert!(refused_reason(&f, "../secret.bin").contains(".."));
+        assert!(refused_reason(&f, "sub/../../secret.bin").contains(".."));
+        assert!(refused_reason(&f, "sub/../a.bin").contains(".."));
+        assert!(refused_reason(&f, f.outside.to_str().unwrap()).contains("absolute"));
+        assert!(refused_reason(&f, "/etc/passwd").contains("absolute"));
+        assert!(refused_reason(&f, "").contains("empty"));
+        assert!(refused_reason(&f, "a\0.bin").contains("NUL"));
+        assert!(refused_reason(&f, &"a/".repeat(3000)).contains("longer"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_that_escape_are_refused() {
+        let f = fixture();
+        assert!(refused_reason(&f, "escape.bin").contains("outside"));
+        assert!(refused_reason(&f, "up/secret.bin").contains("outside"));
+    }
+
+    #[test]
+    fn directories_and_missing_files_are_refused() {
+        let f = fixture();
+        assert!(refused_reason(&f, "sub").contains("regular file"));
+        assert!(refused_reason(&f, ".").contains("itself"));
+        assert!(matches!(
+            f.models.open("missing.bin"),
+            Err(VramError::ModelNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_given_path_not_the_host_path() {
+        let f = fixture();
+        let err = f.models.open("escape.bin").unwrap_err().to_string();
+        assert!(err.contains("escape.bin"), "{err}");
+        assert!(!err.contains(f.models.root().to_str().unwrap()), "{err}");
+    }
+}
