@@ -218,7 +218,7 @@ fn digest_files(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
     for file in files {
         let total = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         let bar = progress::bytes_bar(total, "digest");
-        match digest::digest_file(file, &mut |n| bar.set_position(n)) {
+        match digest::digest_file(file, &|n| bar.set_position(n)) {
             Ok(tree) => {
                 bar.finish_and_clear();
                 println!("{} {}", tree.digest(), file.display());
