@@ -547,7 +547,15 @@ mod tests {
     fn parallel_file_digest_equals_in_memory_digest_across_chunk_boundaries() {
         let dir = std::env::temp_dir().join(format!("vr-digest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for len in [0, 1, 4096, FILE_CHUNK - 1, FILE_CHUNK, FILE_CHUNK + 1, 3 * FILE_CHUNK + 7] {
+        for len in [
+            0,
+            1,
+            4096,
+            FILE_CHUNK - 1,
+            FILE_CHUNK,
+            FILE_CHUNK + 1,
+            3 * FILE_CHUNK + 7,
+        ] {
             let data = pattern(len);
             let path = dir.join(format!("f{len}"));
             std::fs::write(&path, &data).unwrap();
