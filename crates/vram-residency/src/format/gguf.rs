@@ -669,14 +669,6 @@ fn read_array(
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects,
-    clippy::cast_possible_truncation
-)]
 mod tests {
     use super::super::{
         ModelFormat, ModelFormatError, read_tensor_table, read_tensor_table_from_bytes,

@@ -503,14 +503,6 @@ fn key_offset(json: &[u8], pos: u64) -> u64 {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects,
-    clippy::cast_possible_truncation
-)]
 mod tests {
     use super::super::{ModelFormat, read_tensor_table, read_tensor_table_from_bytes};
     use super::*;
