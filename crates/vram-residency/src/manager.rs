@@ -125,6 +125,8 @@ pub struct VerifyReport {
     pub elapsed: Duration,
     /// Backend.
     pub backend: BackendKind,
+    /// Where the bytes were found to live during this verification (never a violation: that fails).
+    pub residency: Residency,
 }
 
 fn serialize_nanos<S: serde::Serializer>(
@@ -515,7 +517,7 @@ impl VramManager {
         let started = Instant::now();
         self.check_owner(shard)?;
         self.check_seal(shard)?;
-        self.check_residency(shard.gpu_device, shard.buffer.residency()?)?;
+        let residency = self.check_residency(shard.gpu_device, shard.buffer.residency()?)?;
         let now = shard.buffer.tree_digest()?;
         if now.digest() != shard.digest {
             let damaged = shard.sealed_tree.damaged_ranges(&now);
@@ -546,6 +548,7 @@ impl VramManager {
             vram_bytes: shard.vram_bytes,
             elapsed: started.elapsed(),
             backend: shard.backend,
+            residency,
         })
     }
 
@@ -574,14 +577,13 @@ impl VramManager {
         self.ensure_running()?;
         validate_nonce(nonce)?;
         let report = self.verify_sealed(shard)?;
-        let residency = shard.buffer.residency()?;
         let device = self.device(shard.gpu_device)?;
         let mut attestation = Attestation {
             record: shard.record(),
             seal_tag: shard.tag,
             device_name: device.name.clone(),
             driver_version: self.backend.driver_version()?,
-            residency,
+            residency: report.residency,
             nonce: nonce.to_vec(),
             attested_at_ns: unix_nanos(SystemTime::now()),
             verified_digest: report.digest,
@@ -658,9 +660,10 @@ impl VramManager {
         }
     }
 
-    fn check_residency(&self, gpu: u32, residency: Residency) -> Result<()> {
+    /// Passes an acceptable verdict through; a violation is an incident (audited, worker stopped).
+    fn check_residency(&self, gpu: u32, residency: Residency) -> Result<Residency> {
         match residency {
-            Residency::DeviceMemory | Residency::Simulated => Ok(()),
+            Residency::DeviceMemory | Residency::Simulated => Ok(residency),
             Residency::Violation(reason) => Err(self.incident(
                 AuditEvent::PolicyViolation {
                     gpu,
