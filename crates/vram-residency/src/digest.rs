@@ -14,7 +14,6 @@
 use std::fmt;
 use std::io::Read;
 use std::str::FromStr;
-use std::sync::mpsc;
 
 use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
@@ -312,28 +311,35 @@ pub fn digest_bytes(data: &[u8]) -> Result<TreeDigest> {
     TreeDigest::from_level1(level1, size)
 }
 
-/// Streams `reader` to its end and digests it with bounded memory (two 32 MiB buffers: one being
-/// read by a reader thread while the other is hashed on all cores). `progress` receives the running
-/// byte count after each chunk.
+/// Streams `reader` to its end and digests it with bounded memory (one 32 MiB buffer, each chunk
+/// hashed on all cores). For files, [`digest_file`] is faster: it reads in parallel too.
+/// `progress` receives the running byte count after each chunk.
 ///
 /// # Errors
 /// [`VramError::Io`] when a read fails (`name` is used in the message).
-pub fn digest_reader<R: Read + Send>(
-    reader: R,
+pub fn digest_reader<R: Read>(
+    mut reader: R,
     name: &std::path::Path,
     progress: &mut dyn FnMut(u64),
 ) -> Result<TreeDigest> {
+    let mut buffer = vec![0u8; STREAM_CHUNK];
     let mut level1: Vec<Hash32> = Vec::new();
     let mut total: u64 = 0;
-    stream_chunks(reader, name, STREAM_CHUNK, &mut |chunk| {
+    loop {
+        let filled = read_full(&mut reader, &mut buffer).map_err(|source| VramError::Io {
+            path: name.to_path_buf(),
+            source,
+        })?;
+        let chunk = buffer.get(..filled).unwrap_or_default();
         // Every chunk but the last is full, so a short first chunk is the entire input.
-        let is_entire_input = total == 0 && chunk.len() < STREAM_CHUNK;
+        let is_entire_input = total == 0 && filled < STREAM_CHUNK;
         level1.extend(level1_hashes(chunk, is_entire_input));
-        total = total.saturating_add(chunk.len() as u64);
+        total = total.saturating_add(filled as u64);
         progress(total);
-        Ok(())
-    })?;
-    TreeDigest::from_level1(level1, total)
+        if filled < STREAM_CHUNK {
+            return TreeDigest::from_level1(level1, total);
+        }
+    }
 }
 
 /// Read granularity of [`digest_file`]: 4 MiB (8 level-1 units) per positioned read.
@@ -398,66 +404,6 @@ pub fn digest_file(path: &std::path::Path, progress: &(dyn Fn(u64) + Sync)) -> R
         });
     }
     TreeDigest::from_level1(level1, len)
-}
-
-/// Reads `reader` to EOF in chunks of `chunk_size` (the last may be shorter; every chunk but the last
-/// is full) on a separate thread, handing each chunk to `consume` while the next one is read.
-///
-/// # Errors
-/// The first read error, or the first error `consume` returns (reading then stops).
-pub fn stream_chunks<R: Read + Send>(
-    mut reader: R,
-    name: &std::path::Path,
-    chunk_size: usize,
-    consume: &mut dyn FnMut(&[u8]) -> Result<()>,
-) -> Result<()> {
-    let (full_tx, full_rx) = mpsc::sync_channel::<std::io::Result<(Vec<u8>, usize)>>(1);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(2);
-    for _ in 0..2 {
-        // Cannot fail: the receiver is alive and the channel has room for both buffers.
-        let _ = empty_tx.send(vec![0u8; chunk_size]);
-    }
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
-            while let Ok(mut buffer) = empty_rx.recv() {
-                let result = read_full(&mut reader, &mut buffer);
-                let done = !matches!(result, Ok(n) if n == buffer.len());
-                if full_tx.send(result.map(|n| (buffer, n))).is_err() || done {
-                    return;
-                }
-            }
-        });
-        let mut outcome = Ok(());
-        while let Ok(message) = full_rx.recv() {
-            let (buffer, filled) = match message {
-                Ok(pair) => pair,
-                Err(source) => {
-                    outcome = Err(VramError::Io {
-                        path: name.to_path_buf(),
-                        source,
-                    });
-                    break;
-                }
-            };
-            let last = filled < buffer.len();
-            if filled > 0
-                && let Err(error) = consume(buffer.get(..filled).unwrap_or_default())
-            {
-                outcome = Err(error);
-                break;
-            }
-            if last {
-                break;
-            }
-            // If the reader has already finished, this send fails harmlessly; the chunks it sent
-            // are still in `full_rx` and are drained above until the channel closes.
-            let _ = empty_tx.send(buffer);
-        }
-        // Dropping our ends makes the reader thread's next send/recv fail, so it exits.
-        drop(empty_tx);
-        drop(full_rx);
-        outcome
-    })
 }
 
 /// Fills `buffer` from `reader` unless EOF comes first; returns the number of bytes read.
