@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use vram_residency::{Backend, BackendKind, SimBackend, SimConfig, VramError};
+use vram_residency_cuda::{CudaBackend, CudaConfig};
 
 /// Settings of the simulated backend (only used with `--backend sim`).
 #[derive(Debug, Clone, Copy)]
@@ -11,27 +12,23 @@ pub struct SimSettings {
     pub bytes_per_device: u64,
 }
 
-/// Builds the requested backend.
-///
-/// `cuda` is the default and the only backend for production, but this build does not contain it
-/// yet; asking for it is a clear error rather than a silent fallback to `sim`.
-pub fn open(kind: BackendKind, sim: SimSettings) -> Result<Arc<dyn Backend>, VramError> {
+/// Builds the requested backend. `cuda` is the default and the only backend for production; when
+/// it cannot be opened (no driver, no GPU) that is a clear error, never a silent fallback to `sim`.
+pub fn open(
+    kind: BackendKind,
+    sim: SimSettings,
+    cuda: CudaConfig,
+) -> Result<Arc<dyn Backend>, VramError> {
     match kind {
         BackendKind::Sim => Ok(Arc::new(SimBackend::new(SimConfig {
             devices: sim.devices,
             bytes_per_device: sim.bytes_per_device,
         }))),
-        BackendKind::Cuda => Err(cuda_unavailable()),
+        BackendKind::Cuda => Ok(Arc::new(open_cuda(cuda)?)),
     }
 }
 
-/// Why `cuda` cannot be used by this build.
-pub fn cuda_unavailable() -> VramError {
-    VramError::BackendUnavailable {
-        backend: "cuda",
-        reason: "this build does not include the CUDA backend yet (planned as the \
-                 vram-residency-cuda crate); pass --backend sim to use the simulated backend, \
-                 which is NOT real VRAM residency"
-            .to_owned(),
-    }
+/// Opens the CUDA backend (driver, devices).
+pub fn open_cuda(config: CudaConfig) -> Result<CudaBackend, VramError> {
+    CudaBackend::new(config).map_err(VramError::from)
 }

@@ -43,8 +43,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the GPUs (name, UUID, memory, compute capability, ECC, integrated) with the VRAM-only
+    /// policy verdict on each. Exits non-zero when a device is refused.
+    Devices(DevicesArgs),
     /// Seal a model file into device memory and print its seal record.
     Seal(SealArgs),
+    /// Measure seal and verify throughput, the seed crate's method and the hardware ceilings in
+    /// the same run (human table, or --json).
+    Bench(BenchArgs),
     /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
     /// verification catches it and the worker stops.
     Demo(DemoArgs),
@@ -77,6 +83,12 @@ pub struct BackendArgs {
     /// Largest model accepted, e.g. 100GB.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_MODEL_BYTES", default_value = "100GB", value_parser = parse_bytes)]
     pub max_model_bytes: u64,
+    /// Refuse to start unless every GPU has ECC enabled (integrated GPUs are always refused).
+    #[arg(long, env = "VRAM_RESIDENCY_REQUIRE_ECC")]
+    pub require_ecc: bool,
+    /// Read model files with O_DIRECT (bypassing the page cache) when uploading (cuda only).
+    #[arg(long, env = "VRAM_RESIDENCY_DIRECT_IO")]
+    pub direct_io: bool,
 }
 
 impl BackendArgs {
@@ -87,10 +99,19 @@ impl BackendArgs {
         }
     }
 
+    pub fn cuda(&self) -> vram_residency_cuda::CudaConfig {
+        let mut config = vram_residency_cuda::CudaConfig::default();
+        config.staging.direct_io = self.direct_io;
+        config
+    }
+
     pub fn manager_config(&self) -> ManagerConfig {
         ManagerConfig {
             max_model_bytes: self.max_model_bytes,
             headroom_bytes: self.headroom,
+            device_policy: vram_residency::DevicePolicy {
+                require_ecc: self.require_ecc,
+            },
         }
     }
 }
@@ -129,6 +150,42 @@ pub struct SealArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DevicesArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    /// Device index.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: u32,
+    /// Model sizes to measure, comma-separated (up to what fits in VRAM), e.g. 1GiB,16GiB.
+    #[arg(long, value_delimiter = ',', default_value = "1GiB,16GiB", value_parser = parse_bytes)]
+    pub sizes: Vec<u64>,
+    /// Directory for the temporary test files (they are deleted afterwards).
+    #[arg(long, default_value = "/tmp")]
+    pub dir: PathBuf,
+    /// Verifications per size (best and median are reported).
+    #[arg(long, default_value_t = 5)]
+    pub verify_runs: usize,
+    /// Skip the seed crate's method (slow: one-core SHA-256 of every byte).
+    #[arg(long)]
+    pub skip_seed: bool,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON to this file.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Size of the synthetic model, e.g. 256MiB.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
@@ -139,6 +196,12 @@ pub struct DemoArgs {
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl DemoArgs {
+    pub fn cuda_config(&self) -> vram_residency_cuda::CudaConfig {
+        vram_residency_cuda::CudaConfig::default()
+    }
 }
 
 fn parse_backend(s: &str) -> Result<BackendKind, String> {
@@ -206,6 +269,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Digest { files } => digest_files(&files),
         Command::Inspect { model, json } => crate::inspect::run(&model, json),
         Command::Seal(args) => seal(&args),
+        Command::Devices(args) => crate::devices::run(&args),
+        Command::Bench(args) => crate::bench::run(&args),
         Command::Demo(args) => crate::demo::run(&args),
         Command::Serve(args) => crate::serve::run(&args),
         Command::Audit(command) => crate::offline::audit(&command),
@@ -239,7 +304,11 @@ fn digest_files(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
 
 fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
     let token = load_token(args.token_file.as_deref())?;
-    let backend = backends::open(args.backend.backend, args.backend.sim())?;
+    let backend = backends::open(
+        args.backend.backend,
+        args.backend.sim(),
+        args.backend.cuda(),
+    )?;
     let manager = VramManager::with_config(
         &token,
         backend,

@@ -1,13 +1,16 @@
 //! `vram-residency`: the command-line tool.
 //!
 //! Subcommands: `digest` (fs-verity digests, same output as `fsverity digest`), `inspect` (a model's
-//! tensor table), `seal` (seal a model file and print its seal record), `demo` (the whole story in one
-//! run), `serve` (the worker service), `audit verify` and `attest verify` (offline checks). See the
+//! tensor table), `devices` (GPUs and the policy verdict), `seal` (seal a model file and print its seal
+//! record), `demo` (the whole story in one run), `bench` (throughput against the seed and the
+//! hardware), `serve` (the worker service), `audit verify` and `attest verify` (offline checks). See the
 //! README and `docs/`.
 
 mod backends;
+mod bench;
 mod cli;
 mod demo;
+mod devices;
 mod inspect;
 mod offline;
 mod progress;

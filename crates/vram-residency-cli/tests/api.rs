@@ -18,6 +18,8 @@ mod cli;
 mod formats;
 #[path = "api/fsverity_oracle.rs"]
 mod fsverity_oracle;
+#[path = "api/gpu.rs"]
+mod gpu;
 #[path = "api/manager.rs"]
 mod manager;
 #[path = "api/properties.rs"]

@@ -89,6 +89,68 @@ pub struct DeviceInfo {
     pub total_bytes: u64,
     /// Free device memory in bytes, as of the query.
     pub free_bytes: u64,
+    /// Compute capability as `major.minor` (e.g. `9.0`); `None` on `sim`.
+    pub compute_capability: Option<String>,
+    /// Whether ECC is enabled on the device memory; `None` when unknown (`sim`).
+    pub ecc_enabled: Option<bool>,
+    /// Whether the GPU is integrated (shares host RAM, so "VRAM" is host memory); `None` on `sim`.
+    pub integrated: Option<bool>,
+}
+
+/// The device part of the VRAM-only policy (VP-001, WORKER-4163), checked when a manager starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DevicePolicy {
+    /// Refuse devices whose ECC is off or unknown.
+    pub require_ecc: bool,
+}
+
+/// The policy verdict on one device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "verdict", content = "reason")]
+pub enum DeviceVerdict {
+    /// A discrete GPU whose memory is its own: weights may live there.
+    Accepted,
+    /// Simulated device (host memory, labelled): accepted for development, never residency.
+    Simulated,
+    /// Weights must not be placed here; the manager refuses to start with such a device.
+    Refused(String),
+}
+
+impl DevicePolicy {
+    /// Judges one device: integrated GPUs are refused (their "device memory" is host RAM), and so
+    /// is ECC that is off or unknown when [`require_ecc`](Self::require_ecc) is set.
+    #[must_use]
+    pub fn verdict(&self, backend: BackendKind, device: &DeviceInfo) -> DeviceVerdict {
+        if backend == BackendKind::Sim {
+            return DeviceVerdict::Simulated;
+        }
+        match device.integrated {
+            Some(false) => {}
+            Some(true) => {
+                return DeviceVerdict::Refused(format!(
+                    "GPU {} is integrated: its memory is host RAM, not VRAM (VP-001)",
+                    device.index
+                ));
+            }
+            None => {
+                return DeviceVerdict::Refused(format!(
+                    "GPU {}: the driver did not say whether it is integrated",
+                    device.index
+                ));
+            }
+        }
+        if self.require_ecc && device.ecc_enabled != Some(true) {
+            return DeviceVerdict::Refused(format!(
+                "GPU {}: ECC is {} and the policy requires it",
+                device.index,
+                match device.ecc_enabled {
+                    Some(false) => "off",
+                    _ => "unknown",
+                }
+            ));
+        }
+        DeviceVerdict::Accepted
+    }
 }
 
 fn serialize_uuid<S: serde::Serializer>(
@@ -138,6 +200,24 @@ pub trait DeviceBuffer: Send + Sync {
     /// [`VramError::SourceChanged`] when the source ends early or has more bytes; [`VramError::Io`] on
     /// a read error; backend errors on a failed copy.
     fn upload(&mut self, source: &mut dyn Read, progress: &mut dyn FnMut(u64)) -> Result<()>;
+
+    /// Fills the whole buffer from `file`, which must hold exactly [`len`](Self::len) bytes. A
+    /// backend may read it in parallel (positioned reads) and drop its pages from the page cache
+    /// afterwards; the default reads it sequentially through [`upload`](Self::upload).
+    /// `progress` receives the running byte count, possibly from several threads.
+    ///
+    /// # Errors
+    /// As [`upload`](Self::upload).
+    fn upload_file(&mut self, file: &std::fs::File, progress: &(dyn Fn(u64) + Sync)) -> Result<()> {
+        let mut reader = file;
+        std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(0)).map_err(|source| {
+            VramError::Io {
+                path: "model file".into(),
+                source,
+            }
+        })?;
+        self.upload(&mut reader, &mut |n| progress(n))
+    }
 
     /// Measures the fs-verity digest of the bytes where they live (on the GPU for `cuda`).
     ///

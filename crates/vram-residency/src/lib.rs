@@ -59,7 +59,9 @@ pub mod sim;
 pub use attestation::Attestation;
 pub use audit::{AuditEntry, AuditEvent, AuditSink, MemoryAuditSink, NoAuditSink, Severity};
 pub use audit_log::AuditLog;
-pub use backend::{Backend, BackendKind, DeviceBuffer, DeviceInfo, Residency, Weights};
+pub use backend::{
+    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency, Weights,
+};
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
 pub use keys::{BearerCheck, WorkerToken};

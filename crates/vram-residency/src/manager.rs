@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::attestation::{Attestation, validate_nonce};
 use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
-use crate::backend::{Backend, BackendKind, DeviceInfo, Residency, Weights};
+use crate::backend::{
+    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency, Weights,
+};
 use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
@@ -36,6 +38,8 @@ pub struct ManagerConfig {
     pub max_model_bytes: u64,
     /// Bytes kept free on every device (for activations, KV cache, the driver). Default 0.
     pub headroom_bytes: u64,
+    /// What a device must be for weights to live on it (checked when the manager starts).
+    pub device_policy: DevicePolicy,
 }
 
 impl Default for ManagerConfig {
@@ -43,6 +47,7 @@ impl Default for ManagerConfig {
         Self {
             max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
             headroom_bytes: 0,
+            device_policy: DevicePolicy::default(),
         }
     }
 }
@@ -136,6 +141,13 @@ fn serialize_nanos<S: serde::Serializer>(
     s.serialize_u64(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// Where a seal's bytes come from: any reader (sequential) or a file (the backend may read it in
+/// parallel).
+enum Source<'a> {
+    Reader(&'a mut dyn Read),
+    File(&'a std::fs::File),
+}
+
 /// Seals model shards into device memory and keeps them honest. `Send + Sync`: share it behind an
 /// `Arc` across threads.
 pub struct VramManager {
@@ -178,7 +190,8 @@ impl VramManager {
     ///
     /// # Errors
     /// Backend errors from the device query; [`VramError::BackendUnavailable`] when the backend has
-    /// no device.
+    /// no device; [`VramError::PolicyViolation`] (audited) when a device fails the device policy
+    /// (an integrated GPU, or ECC off while required): the worker refuses to start (WORKER-4163).
     pub fn with_config(
         token: &WorkerToken,
         backend: Arc<dyn Backend>,
@@ -191,6 +204,27 @@ impl VramManager {
                 backend: backend.kind().name(),
                 reason: "no device found".to_owned(),
             });
+        }
+        for device in &devices {
+            if let DeviceVerdict::Refused(reason) =
+                config.device_policy.verdict(backend.kind(), device)
+            {
+                let event = AuditEvent::PolicyViolation {
+                    gpu: device.index,
+                    reason: reason.clone(),
+                };
+                let entry = AuditEntry {
+                    at_ns: unix_nanos(SystemTime::now()),
+                    backend: backend.kind(),
+                    severity: event.severity(),
+                    event,
+                };
+                crate::audit::trace(&entry);
+                if let Err(error) = sink.record(&entry) {
+                    tracing::error!(%error, "audit sink failed while recording a policy violation");
+                }
+                return Err(VramError::PolicyViolation { reason });
+            }
         }
         let totals: Vec<u64> = devices.iter().map(|d| d.total_bytes).collect();
         let mut id = [0u8; 8];
@@ -348,7 +382,7 @@ impl VramManager {
             opts.tensor_table = Some(Arc::new(read_tensor_table(&mut header, before.len())?));
             file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
         }
-        let shard = self.seal_reader(&mut file, before.len(), gpu, &opts)?;
+        let shard = self.seal_source(Source::File(&file), before.len(), gpu, &opts)?;
         let after = file.metadata().map_err(io)?;
         if after.len() != before.len() || after.modified().ok() != before.modified().ok() {
             // Dropping the shard frees its memory and capacity.
@@ -371,6 +405,16 @@ impl VramManager {
     pub fn seal_reader(
         &self,
         source: &mut dyn Read,
+        len: u64,
+        gpu: u32,
+        opts: &SealOptions,
+    ) -> Result<SealedShard> {
+        self.seal_source(Source::Reader(source), len, gpu, opts)
+    }
+
+    fn seal_source(
+        &self,
+        source: Source<'_>,
         len: u64,
         gpu: u32,
         opts: &SealOptions,
@@ -435,21 +479,24 @@ impl VramManager {
     #[expect(clippy::too_many_arguments, reason = "the pieces of one seal, private")]
     fn fill_and_seal(
         &self,
-        source: &mut dyn Read,
+        source: Source<'_>,
         len: u64,
         gpu: u32,
         device: &DeviceInfo,
         shard_id: ShardId,
-        mut buffer: Box<dyn crate::backend::DeviceBuffer>,
+        mut buffer: Box<dyn DeviceBuffer>,
         reservation: crate::capacity::Reservation,
         opts: &SealOptions,
     ) -> Result<SealedShard> {
-        let mut progress = |n: u64| {
+        let progress = |n: u64| {
             if let Some(report) = &opts.progress {
                 report(n);
             }
         };
-        buffer.upload(source, &mut progress)?;
+        match source {
+            Source::Reader(reader) => buffer.upload(reader, &mut |n| progress(n))?,
+            Source::File(file) => buffer.upload_file(file, &progress)?,
+        }
         // The digest is measured where the bytes now are, not from the host bytes we sent.
         let tree = buffer.tree_digest()?;
         if let Some(expected) = opts.expected_digest

@@ -161,6 +161,9 @@ impl Backend for SimBackend {
                     .config
                     .bytes_per_device
                     .saturating_sub(self.used(index)),
+                compute_capability: None,
+                ecc_enabled: None,
+                integrated: None,
             })
             .collect())
     }

@@ -89,7 +89,11 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let audit_key = token.derive_keys().audit;
     let models = ModelsDir::new(&args.models_dir)
         .with_context(|| format!("models directory {}", args.models_dir.display()))?;
-    let backend = backends::open(args.backend.backend, args.backend.sim())?;
+    let backend = backends::open(
+        args.backend.backend,
+        args.backend.sim(),
+        args.backend.cuda(),
+    )?;
     let kind = backend.kind();
     let (audit_log, report) = AuditLog::open(&args.audit_log, audit_key, kind)?;
     if let Some(torn) = &report.torn_tail {

@@ -197,8 +197,12 @@ fn seal_refuses_bad_input_with_clear_errors() {
             ],
             "not enough VRAM",
         ),
-        (vec!["seal", &model, "--token-file", &token], "CUDA backend"),
     ];
+    let mut cases = cases;
+    if !vram_residency_cuda::driver_present() {
+        // The default backend is cuda; without a driver that is a clear error, not a fallback.
+        cases.push((vec!["seal", &model, "--token-file", &token], "libcuda.so"));
+    }
     for (args, needle) in cases {
         let out = bin()
             .args(&args)
@@ -252,7 +256,7 @@ fn token_is_not_accepted_on_the_command_line_ci_006() {
 #[test]
 fn demo_detects_corruption_and_stops_the_worker() {
     let out = bin()
-        .args(["demo", "--size", "3MiB", "--json"])
+        .args(["demo", "--size", "3MiB", "--json", "--backend", "sim"])
         .output()
         .unwrap();
     let (stdout, stderr) = text(&out);
@@ -263,5 +267,27 @@ fn demo_detects_corruption_and_stops_the_worker() {
     let summary = stdout.lines().find(|l| l.starts_with('{')).unwrap();
     let json: serde_json::Value = serde_json::from_str(summary).unwrap();
     assert_eq!(json["backend"], "sim");
-    assert_eq!(json["corruption_detected"], true);
+    assert_eq!(json["corruption_step"], "ran");
+    assert_eq!(json["all_steps_ok"], true);
+}
+
+#[test]
+fn demo_uses_cuda_when_a_gpu_is_present_and_says_which_backend_it_used() {
+    let out = bin()
+        .args(["demo", "--size", "3MiB", "--json"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let summary = stdout.lines().find(|l| l.starts_with('{')).unwrap();
+    let json: serde_json::Value = serde_json::from_str(summary).unwrap();
+    if vram_residency_cuda::driver_present() {
+        assert!(stdout.contains("demo, backend: cuda"), "{stdout}");
+        assert_eq!(json["backend"], "cuda");
+        assert_eq!(json["all_steps_ok"], true);
+    } else {
+        assert!(stderr.contains("using the sim backend"), "{stderr}");
+        assert!(stdout.contains("demo, backend: sim"), "{stdout}");
+        assert_eq!(json["backend"], "sim");
+    }
 }

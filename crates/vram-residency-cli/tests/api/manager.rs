@@ -174,6 +174,7 @@ fn bad_input_is_refused_with_a_clear_error_and_no_state_change_iv_001_to_005() {
         ManagerConfig {
             max_model_bytes: 1000,
             headroom_bytes: 0,
+            ..ManagerConfig::default()
         },
     );
     let cases: Vec<(Result<_, VramError>, &str)> = vec![
@@ -237,6 +238,7 @@ fn insufficient_vram_is_retriable_actionable_and_allocates_nothing_rp_001_rp_004
         ManagerConfig {
             max_model_bytes: 1 << 30,
             headroom_bytes: 1_000,
+            ..ManagerConfig::default()
         },
     );
     let _a = w.manager.seal_model(&[1; 6_000], 0).unwrap();

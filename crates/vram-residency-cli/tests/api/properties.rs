@@ -130,7 +130,7 @@ proptest! {
     fn admissions_never_exceed_capacity_rp_001_rp_002(
         ops in proptest::collection::vec((0u64..400, any::<bool>(), 0u32..2), 1..40)
     ) {
-        let w = sim_worker(2, 1_000, ManagerConfig { max_model_bytes: u64::MAX, headroom_bytes: 100 });
+        let w = sim_worker(2, 1_000, ManagerConfig { max_model_bytes: u64::MAX, headroom_bytes: 100, ..ManagerConfig::default() });
         let mut live = Vec::new();
         for (size, free_one, gpu) in ops {
             if free_one && !live.is_empty() {

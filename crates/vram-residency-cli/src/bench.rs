@@ -1,0 +1,352 @@
+//! `vram-residency bench`: seal and verify throughput, with the seed crate's method and the
+//! hardware's ceilings measured in the same run (DESIGN.md §5). Numbers live here and in notes,
+//! never in tests.
+//!
+//! Per size: write a pseudo-random file (it is then in the page cache), digest it on the CPU (all
+//! cores), seal it (`seal_file`: staging ring → VRAM → GPU digest; peak host RSS measured around
+//! it), verify it several times, check GPU digest = CPU digest, free it, then run the seed's seal
+//! (read the whole file, pageable copy, one-core SHA-256) and verify (full copy back, one-core
+//! SHA-256). Once: pinned host→device and device→device copy bandwidth.
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use vram_residency::{
+    BackendKind, ManagerConfig, NoAuditSink, SealOptions, VramManager, WorkerToken, digest,
+};
+use vram_residency_cuda::CudaBackend;
+use vram_residency_cuda::bench::{Timed, device_to_device, pinned_h2d, seed_seal, seed_verify};
+
+use crate::cli::BenchArgs;
+
+/// One size's results.
+#[derive(Debug, serde::Serialize)]
+struct SizeRun {
+    bytes: u64,
+    cpu_digest_gbps: f64,
+    seal_seconds: f64,
+    seal_gbps: f64,
+    peak_rss_during_seal_bytes: Option<u64>,
+    verify_runs: usize,
+    verify_gbps_best: f64,
+    verify_gbps_median: f64,
+    gpu_digest: String,
+    cpu_digest: String,
+    gpu_digest_equals_cpu: bool,
+    seed_seal_gbps: Option<f64>,
+    seed_verify_gbps: Option<f64>,
+    seal_vs_seed: Option<f64>,
+    verify_vs_seed: Option<f64>,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let kind = args.backend.backend;
+    let cuda = match kind {
+        BackendKind::Cuda => Some(Arc::new(crate::backends::open_cuda(args.backend.cuda())?)),
+        BackendKind::Sim => None,
+    };
+    let backend: Arc<dyn vram_residency::Backend> = match &cuda {
+        Some(cuda) => cuda.clone(),
+        None => crate::backends::open(kind, args.backend.sim(), args.backend.cuda())?,
+    };
+    let driver = backend.driver_version()?;
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    let token = WorkerToken::from_bytes(hex::encode(random).into_bytes())?;
+    let manager = VramManager::with_config(
+        &token,
+        backend,
+        ManagerConfig {
+            max_model_bytes: u64::MAX,
+            ..args.backend.manager_config()
+        },
+        Arc::new(NoAuditSink),
+    )?;
+    let device = manager
+        .devices()
+        .get(usize::try_from(args.gpu).unwrap_or(usize::MAX))
+        .cloned()
+        .with_context(|| format!("GPU {} does not exist", args.gpu))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
+    eprintln!(
+        "bench: backend {kind}, device {} ({}), sizes {:?}",
+        device.index,
+        device.name,
+        args.sizes.iter().map(|s| human(*s)).collect::<Vec<_>>()
+    );
+
+    let mut runs = Vec::new();
+    for &size in &args.sizes {
+        runs.push(bench_size(&manager, cuda.as_deref(), args, size)?);
+    }
+    let ceilings = match &cuda {
+        Some(cuda) => {
+            let gpu = cuda.gpu(args.gpu)?;
+            let bytes = args
+                .sizes
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(1 << 30)
+                .min(8 << 30);
+            eprintln!("bench: hardware ceilings ({} copies)", human(bytes));
+            let h2d = pinned_h2d(gpu, bytes)?;
+            let d2d = device_to_device(gpu, bytes)?;
+            Some(serde_json::json!({
+                "bytes": bytes,
+                "pinned_h2d_gbps": round(h2d.gb_per_s()),
+                "d2d_copy_gbps": round(d2d.gb_per_s()),
+                "d2d_note": "bytes copied per second; memory traffic is twice that",
+            }))
+        }
+        None => None,
+    };
+    let report = serde_json::json!({
+        "backend": kind.name(),
+        "device": device.name,
+        "driver": driver,
+        "staging_pinned_bytes": args.backend.cuda().staging.pinned_bytes(),
+        "ceilings": ceilings,
+        "runs": runs,
+    });
+    let all_equal = runs.iter().all(|r| r.gpu_digest_equals_cpu);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&runs, &report);
+    }
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !all_equal {
+        eprintln!("bench: FAILED: a device digest differs from the CPU digest");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_size(
+    manager: &VramManager,
+    cuda: Option<&CudaBackend>,
+    args: &BenchArgs,
+    size: u64,
+) -> anyhow::Result<SizeRun> {
+    if size == 0 {
+        bail!("sizes must be at least 1 byte");
+    }
+    let path = args.dir.join(format!("vram-residency-bench-{size}.bin"));
+    let _cleanup = RemoveOnDrop(path.clone());
+    eprintln!("bench: {}: writing the test file", human(size));
+    write_random_file(&path, size)?;
+
+    let started = Instant::now();
+    let cpu = digest::digest_file(&path, &|_| {})?;
+    let cpu_time = started.elapsed().as_secs_f64();
+
+    eprintln!("bench: {}: seal (page cache hot)", human(size));
+    let rss_reset = reset_peak_rss();
+    let started = Instant::now();
+    let shard = manager.seal_file(&path, args.gpu, &SealOptions::default())?;
+    let seal_time = started.elapsed().as_secs_f64();
+    let peak_rss = if rss_reset { peak_rss_bytes() } else { None };
+
+    eprintln!("bench: {}: verify x{}", human(size), args.verify_runs);
+    let mut verify_times = Vec::new();
+    for _ in 0..args.verify_runs.max(1) {
+        let started = Instant::now();
+        manager.verify_sealed(&shard)?;
+        verify_times.push(started.elapsed().as_secs_f64());
+    }
+    verify_times.sort_by(f64::total_cmp);
+    let gpu_digest = shard.digest;
+    manager.deallocate(shard)?;
+
+    let (mut seed_seal_gbps, mut seed_verify_gbps) = (None, None);
+    if let (Some(cuda), false) = (cuda, args.skip_seed) {
+        let gpu = cuda.gpu(args.gpu)?;
+        eprintln!(
+            "bench: {}: seed method, verify (full copy back + one-core SHA-256)",
+            human(size)
+        );
+        let (timed, _) = seed_verify(gpu, size)?;
+        seed_verify_gbps = Some(timed.gb_per_s());
+        // The seal dropped the file's pages; warm them again so the seed reads from the page cache too.
+        digest::digest_file(&path, &|_| {})?;
+        eprintln!(
+            "bench: {}: seed method, seal (read all, pageable copy, one-core SHA-256)",
+            human(size)
+        );
+        let (timed, _) = seed_seal(gpu, &path)?;
+        seed_seal_gbps = Some(timed.gb_per_s());
+    }
+    let seal_gbps = gbps(size, seal_time);
+    let best = verify_times.first().copied().unwrap_or(0.0);
+    let median = verify_times
+        .get(verify_times.len() / 2)
+        .copied()
+        .unwrap_or(0.0);
+    let verify_best = gbps(size, best);
+    Ok(SizeRun {
+        bytes: size,
+        cpu_digest_gbps: round(gbps(size, cpu_time)),
+        seal_seconds: round(seal_time),
+        seal_gbps: round(seal_gbps),
+        peak_rss_during_seal_bytes: peak_rss,
+        verify_runs: verify_times.len(),
+        verify_gbps_best: round(verify_best),
+        verify_gbps_median: round(gbps(size, median)),
+        gpu_digest: gpu_digest.to_string(),
+        cpu_digest: cpu.digest().to_string(),
+        gpu_digest_equals_cpu: gpu_digest == cpu.digest(),
+        seed_seal_gbps: seed_seal_gbps.map(round),
+        seed_verify_gbps: seed_verify_gbps.map(round),
+        seal_vs_seed: seed_seal_gbps.map(|seed| round(ratio(seal_gbps, seed))),
+        verify_vs_seed: seed_verify_gbps.map(|seed| round(ratio(verify_best, seed))),
+    })
+}
+
+fn print_table(runs: &[SizeRun], report: &serde_json::Value) {
+    println!(
+        "backend: {}   device: {}",
+        report["backend"].as_str().unwrap_or("?"),
+        report["device"].as_str().unwrap_or("?")
+    );
+    if let Some(ceilings) = report.get("ceilings").filter(|c| !c.is_null()) {
+        println!(
+            "ceilings: pinned H2D {} GB/s, D2D copy {} GB/s",
+            ceilings["pinned_h2d_gbps"], ceilings["d2d_copy_gbps"]
+        );
+    }
+    println!(
+        "{:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>9} {:>9} {:>10}",
+        "size",
+        "seal GB/s",
+        "seed seal",
+        "verify GB/s",
+        "seed verify",
+        "seal x",
+        "verify x",
+        "CPU GB/s",
+        "RSS MiB",
+        "digest"
+    );
+    let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+    for run in runs {
+        println!(
+            "{:>10} {:>10.2} {:>10} {:>12.1} {:>12} {:>10} {:>10} {:>9.2} {:>9} {:>10}",
+            human(run.bytes),
+            run.seal_gbps,
+            opt(run.seed_seal_gbps),
+            run.verify_gbps_best,
+            opt(run.seed_verify_gbps),
+            opt(run.seal_vs_seed),
+            opt(run.verify_vs_seed),
+            run.cpu_digest_gbps,
+            run.peak_rss_during_seal_bytes
+                .map_or_else(|| "n/a".to_owned(), |b| (b >> 20).to_string()),
+            if run.gpu_digest_equals_cpu {
+                "= CPU"
+            } else {
+                "MISMATCH"
+            }
+        );
+    }
+}
+
+/// Writes `size` pseudo-random bytes (splitmix64 per 8 MiB piece), on all cores.
+fn write_random_file(path: &Path, size: u64) -> anyhow::Result<()> {
+    const PIECE: u64 = 8 << 20;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.set_len(size)?;
+    let pieces = size.div_ceil(PIECE);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let threads = std::thread::available_parallelism().map_or(4, std::num::NonZero::get);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| -> anyhow::Result<()> {
+                    let mut buffer = vec![0u8; usize::try_from(PIECE)?];
+                    loop {
+                        let piece = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if piece >= pieces {
+                            return Ok(());
+                        }
+                        let offset = piece.saturating_mul(PIECE);
+                        let n = usize::try_from(PIECE.min(size.saturating_sub(offset)))?;
+                        let mut state = piece.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ size;
+                        for word in buffer.chunks_exact_mut(8) {
+                            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                            let mut z = state;
+                            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                            word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+                        }
+                        let bytes = buffer.get(..n).context("piece size")?;
+                        file.write_all_at(bytes, offset)?;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    std::io::stderr().flush().ok();
+    Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Resets the kernel's peak-RSS counter (VmHWM) of this process; false where that is not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// VmHWM of this process, in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+fn gbps(bytes: u64, seconds: f64) -> f64 {
+    Timed { bytes, seconds }.gb_per_s()
+}
+
+fn ratio(ours: f64, seed: f64) -> f64 {
+    if seed > 0.0 { ours / seed } else { 0.0 }
+}
+
+fn round(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+/// Bytes in binary units, e.g. `16.0 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0usize;
+    while value >= 1024.0 && unit < UNITS.len().saturating_sub(1) {
+        value /= 1024.0;
+        unit = unit.saturating_add(1);
+    }
+    format!("{value:.1} {}", UNITS.get(unit).copied().unwrap_or("B"))
+}

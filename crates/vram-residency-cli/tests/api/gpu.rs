@@ -1,0 +1,403 @@
+//! GPU tests: the CUDA backend on a real NVIDIA GPU. They run whenever a GPU is present and print
+//! `skipped: no GPU: <test>` otherwise (counted as skipped by `scripts/test` and `scripts/gpu-test`).
+//! They hold one lock, so each sees the device to itself and can check that free VRAM comes back.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use vram_residency::backend::Residency;
+use vram_residency::digest::{LEVEL1_SPAN, digest_bytes, digest_file};
+use vram_residency::{
+    Backend, ManagerConfig, MemoryAuditSink, SealOptions, VramError, VramManager,
+};
+use vram_residency_cuda::{CudaBackend, CudaConfig, CudaError};
+
+use crate::support::{random_bytes, skip, token};
+
+struct Gpu {
+    backend: Arc<CudaBackend>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// The shared CUDA backend and the GPU lock, or `None` (after printing the skip line) without a GPU.
+fn gpu(test: &str) -> Option<Gpu> {
+    static BACKEND: OnceLock<Option<Arc<CudaBackend>>> = OnceLock::new();
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let backend = BACKEND.get_or_init(|| match CudaBackend::new(CudaConfig::default()) {
+        Ok(backend) => Some(Arc::new(backend)),
+        Err(CudaError::DriverMissing | CudaError::NoDevice) => None,
+        Err(other) => panic!("a CUDA driver is present but the backend failed to open: {other}"),
+    });
+    let Some(backend) = backend else {
+        skip(test, "no GPU");
+        return None;
+    };
+    Some(Gpu {
+        backend: Arc::clone(backend),
+        _serial: SERIAL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    })
+}
+
+fn manager(gpu: &Gpu) -> (VramManager, Arc<MemoryAuditSink>) {
+    let audit = Arc::new(MemoryAuditSink::default());
+    let manager = VramManager::with_config(
+        &token(),
+        gpu.backend.clone(),
+        ManagerConfig::default(),
+        audit.clone(),
+    )
+    .unwrap();
+    (manager, audit)
+}
+
+fn free_vram(gpu: &Gpu) -> u64 {
+    gpu.backend.devices().unwrap()[0].free_bytes
+}
+
+/// Compiles the kernel and creates the driver's lazily made state, so that free-VRAM comparisons
+/// afterwards see only our allocations.
+fn warm_up(gpu: &Gpu) {
+    let (manager, _) = manager(gpu);
+    let shard = manager.seal_model(&random_bytes(3 << 20, 1), 0).unwrap();
+    manager.verify_sealed(&shard).unwrap();
+    manager.deallocate(shard).unwrap();
+}
+
+/// Free VRAM must come back to where it was (allocation granularity aside), and no allocation of
+/// ours may be left alive.
+fn assert_no_leak(gpu: &Gpu, before: u64, test: &str) {
+    let after = free_vram(gpu);
+    assert_eq!(
+        gpu.backend.live_allocations(),
+        0,
+        "{test}: live allocations remain"
+    );
+    assert!(
+        after.abs_diff(before) <= 4 << 20,
+        "{test}: free VRAM {before} before, {after} after"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: free VRAM before {before}, after {after}"
+    );
+}
+
+fn fsverity_tool(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("fsverity")
+        .arg("digest")
+        .arg(path)
+        .output()
+        .expect("the stock fsverity tool (the test oracle) must be on PATH");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn gpu_devices_report_discrete_gpus_with_policy_facts_vp_001() {
+    let Some(gpu) = gpu("gpu_devices_report_discrete_gpus_with_policy_facts_vp_001") else {
+        return;
+    };
+    let devices = gpu.backend.devices().unwrap();
+    assert!(!devices.is_empty());
+    for device in &devices {
+        assert!(device.total_bytes > 0 && device.free_bytes <= device.total_bytes);
+        assert!(device.compute_capability.is_some());
+        assert!(device.ecc_enabled.is_some());
+        assert_eq!(device.integrated, Some(false), "{}", device.name);
+        assert_ne!(device.uuid, [0u8; 16]);
+    }
+    assert!(gpu.backend.driver_version().unwrap().starts_with("CUDA "));
+}
+
+#[test]
+fn gpu_digest_equals_cpu_digest_and_fsverity_on_odd_sizes() {
+    let Some(gpu) = gpu("gpu_digest_equals_cpu_digest_and_fsverity_on_odd_sizes") else {
+        return;
+    };
+    warm_up(&gpu);
+    let before = free_vram(&gpu);
+    let (manager, _) = manager(&gpu);
+    let dir = tempfile::tempdir().unwrap();
+    let span = LEVEL1_SPAN;
+    let mut sizes = vec![
+        1,
+        15,
+        4095,
+        4096,
+        4097,
+        8191,
+        span - 1,
+        span,
+        span + 1,
+        (2 << 20) + 1,
+        (3 << 20) + 4096 + 5,
+        128 * 128 * 4096 + 1,
+    ];
+    sizes.extend((0..8u64).map(|seed| 1 + (random_bytes(8, seed)[0] as usize) * 123_457));
+    for (index, size) in sizes.into_iter().enumerate() {
+        let data = random_bytes(size, 100 + index as u64);
+        let cpu = digest_bytes(&data).unwrap();
+        let path = dir.path().join(format!("m{index}.bin"));
+        std::fs::write(&path, &data).unwrap();
+        let shard = manager
+            .seal_file(&path, 0, &SealOptions::default())
+            .unwrap();
+        assert_eq!(shard.digest, cpu.digest(), "size {size}: GPU vs CPU");
+        assert_eq!(
+            shard.digest.to_string(),
+            fsverity_tool(&path),
+            "size {size}: GPU vs fsverity"
+        );
+        // The in-memory path (single reader) too.
+        let again = manager.seal_model(&data, 0).unwrap();
+        assert_eq!(again.digest, cpu.digest(), "size {size}: seal_model");
+        manager.deallocate(again).unwrap();
+        manager.deallocate(shard).unwrap();
+    }
+    drop(manager);
+    assert_no_leak(
+        &gpu,
+        before,
+        "gpu_digest_equals_cpu_digest_and_fsverity_on_odd_sizes",
+    );
+}
+
+#[test]
+fn gpu_digest_of_a_multi_gib_shard_equals_cpu_and_fsverity() {
+    let Some(gpu) = gpu("gpu_digest_of_a_multi_gib_shard_equals_cpu_and_fsverity") else {
+        return;
+    };
+    warm_up(&gpu);
+    let before = free_vram(&gpu);
+    let (manager, _) = manager(&gpu);
+    let dir = tempfile::tempdir().unwrap();
+    // Crosses several 4 GiB... windows and the two-stream alternation; not a multiple of 4096.
+    let size: u64 = (9 << 30) + 12_345;
+    let path = dir.path().join("big.bin");
+    {
+        let mut file =
+            std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path).unwrap());
+        let mut written = 0u64;
+        let mut seed = 0u64;
+        while written < size {
+            let n = (size - written).min(64 << 20) as usize;
+            file.write_all(&random_bytes(n, 7_000 + seed)).unwrap();
+            written += n as u64;
+            seed += 1;
+        }
+        file.flush().unwrap();
+    }
+    let cpu = digest_file(&path, &|_| {}).unwrap();
+    let shard = manager
+        .seal_file(&path, 0, &SealOptions::default())
+        .unwrap();
+    assert_eq!(shard.digest, cpu.digest(), "GPU vs CPU");
+    assert_eq!(
+        shard.digest.to_string(),
+        fsverity_tool(&path),
+        "GPU vs fsverity"
+    );
+    let report = manager.verify_sealed(&shard).unwrap();
+    assert_eq!(report.digest, cpu.digest());
+    assert_eq!(report.residency, Residency::DeviceMemory);
+    manager.deallocate(shard).unwrap();
+    drop(manager);
+    assert_no_leak(
+        &gpu,
+        before,
+        "gpu_digest_of_a_multi_gib_shard_equals_cpu_and_fsverity",
+    );
+}
+
+#[test]
+fn gpu_a_thousand_single_bit_flips_over_several_shards_are_all_corruption_in_the_right_range() {
+    let test =
+        "gpu_a_thousand_single_bit_flips_over_several_shards_are_all_corruption_in_the_right_range";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    warm_up(&gpu);
+    let before = free_vram(&gpu);
+    let (manager, audit) = manager(&gpu);
+    let sizes = [64 << 20, (33 << 20) + 77, (5 << 20) + 1, 4096 * 3 + 1];
+    let shards: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            manager
+                .seal_model(&random_bytes(size, 900 + i as u64), 0)
+                .unwrap()
+        })
+        .collect();
+    let flips = 1000u64;
+    let mut detected = 0u64;
+    let mut state = 0x5DEE_CE66_D1CE_u64;
+    for flip in 0..flips {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let shard = &shards[(flip % shards.len() as u64) as usize];
+        let bit = (state >> 11) % (shard.vram_bytes * 8);
+        let byte = bit / 8;
+        gpu.backend.flip_bit(shard.allocation_id(), bit).unwrap();
+        match manager.verify_sealed(shard) {
+            Err(VramError::Corruption { damaged, .. }) => {
+                let span = LEVEL1_SPAN as u64;
+                let start = byte / span * span;
+                assert_eq!(damaged.len(), 1, "flip {flip}: {damaged:?}");
+                assert_eq!(damaged[0].start, start, "flip {flip}: byte {byte}");
+                assert_eq!(damaged[0].end, (start + span).min(shard.vram_bytes));
+                detected += 1;
+            }
+            other => panic!("flip {flip} (bit {bit}): expected corruption, got {other:?}"),
+        }
+        // Undo it: the same shard verifies again (verification is allowed while stopped).
+        gpu.backend.flip_bit(shard.allocation_id(), bit).unwrap();
+        manager.verify_sealed(shard).unwrap();
+    }
+    assert_eq!(detected, flips);
+    let forgeries = audit
+        .entries()
+        .iter()
+        .filter(|e| format!("{:?}", e.event).contains("Forgery"))
+        .count();
+    assert_eq!(forgeries, 0, "a bit flip was reported as forgery");
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: {detected}/{flips} flips detected as corruption in the right 512 KiB range, 0 as forgery"
+    );
+    for shard in shards {
+        manager.deallocate(shard).unwrap();
+    }
+    drop(manager);
+    assert_no_leak(&gpu, before, test);
+}
+
+#[test]
+fn gpu_bad_input_is_a_clear_error_and_leaves_nothing_allocated() {
+    let test = "gpu_bad_input_is_a_clear_error_and_leaves_nothing_allocated";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    warm_up(&gpu);
+    let before = free_vram(&gpu);
+    let count = gpu.backend.devices().unwrap().len() as u32;
+    let (manager, _) = manager(&gpu);
+
+    // GPU index out of range (IV-002).
+    assert!(matches!(
+        manager.seal_model(&[1; 4096], count),
+        Err(VramError::InvalidGpuIndex { .. })
+    ));
+    // A model larger than free VRAM minus headroom (RP-001).
+    let total = gpu.backend.devices().unwrap()[0].total_bytes;
+    let headroom = ManagerConfig {
+        headroom_bytes: total - (64 << 20),
+        ..ManagerConfig::default()
+    };
+    let tight = VramManager::with_config(
+        &token(),
+        gpu.backend.clone(),
+        headroom,
+        Arc::new(MemoryAuditSink::default()),
+    )
+    .unwrap();
+    assert!(matches!(
+        tight.seal_model(&random_bytes(65 << 20, 3), 0),
+        Err(VramError::InsufficientVram { .. })
+    ));
+    struct Endless;
+    impl std::io::Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            buf.fill(7);
+            Ok(buf.len())
+        }
+    }
+    // A source that ends early, and one that has more bytes than announced.
+    let mut short: &[u8] = &[5; 10_000];
+    assert!(matches!(
+        manager.seal_reader(&mut short, 20_000, 0, &SealOptions::default()),
+        Err(VramError::SourceChanged { .. })
+    ));
+    assert!(matches!(
+        manager.seal_reader(&mut Endless, 20_000, 0, &SealOptions::default()),
+        Err(VramError::SourceChanged { .. })
+    ));
+    // A wrong expected digest: nothing is sealed.
+    let expect = digest_bytes(b"something else").unwrap().digest();
+    let opts = SealOptions {
+        expected_digest: Some(expect),
+        ..SealOptions::default()
+    };
+    assert!(matches!(
+        manager.seal_model_with(&random_bytes(1 << 20, 5), 0, &opts),
+        Err(VramError::DigestMismatch { .. })
+    ));
+    drop(tight);
+    drop(manager);
+    assert_no_leak(&gpu, before, test);
+}
+
+#[test]
+fn gpu_shards_live_in_plain_device_memory_and_execute_lends_a_device_pointer_vp_001_003() {
+    let test =
+        "gpu_shards_live_in_plain_device_memory_and_execute_lends_a_device_pointer_vp_001_003";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    let (manager, audit) = manager(&gpu);
+    let shard = manager.seal_model(&random_bytes(1 << 20, 6), 0).unwrap();
+    let report = manager.verify_sealed(&shard).unwrap();
+    assert_eq!(report.residency, Residency::DeviceMemory);
+    let seen = manager
+        .execute(&shard, |w| {
+            (w.device_ptr().is_some(), w.host_bytes().is_none(), w.len())
+        })
+        .unwrap();
+    assert_eq!(seen, (true, true, 1 << 20));
+    // No address in any audit line or in the handle's Debug (MS-001).
+    let ptr = manager
+        .execute(&shard, |w| w.device_ptr().unwrap())
+        .unwrap();
+    let shown = format!("{shard:?} {:?}", audit.entries());
+    assert!(!shown.contains(&format!("{ptr:x}")) && !shown.contains(&ptr.to_string()));
+    manager.deallocate(shard).unwrap();
+}
+
+#[test]
+fn without_a_driver_the_cuda_backend_is_a_clear_error_not_a_panic() {
+    let test = "without_a_driver_the_cuda_backend_is_a_clear_error_not_a_panic";
+    if vram_residency_cuda::driver_present() {
+        skip(test, "a CUDA driver is present");
+        return;
+    }
+    let error = CudaBackend::new(CudaConfig::default()).unwrap_err();
+    assert!(matches!(error, CudaError::DriverMissing), "{error}");
+    let error = VramError::from(error);
+    assert!(matches!(
+        error,
+        VramError::BackendUnavailable {
+            backend: "cuda",
+            ..
+        }
+    ));
+    assert!(error.to_string().contains("libcuda.so"), "{error}");
+    let out = crate::support::bin().arg("devices").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("libcuda.so") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

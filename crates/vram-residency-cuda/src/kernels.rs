@@ -1,0 +1,85 @@
+//! The fs-verity hashing kernel (`kernels/fsverity.cu`): compiled with NVRTC for the present device
+//! on first use, cached per device for the life of the process, and launched here.
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _};
+use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
+
+use crate::device::{Device, nvrtc_present};
+use crate::error::{CudaError, Result};
+
+/// The kernel source, compiled at run time.
+pub const FSVERITY_CU: &str = include_str!("kernels/fsverity.cu");
+
+/// Entry point: `fsverity_hash_blocks(const u8* data, u64 data_len, u8* out)` writes SHA-256 of
+/// each 4096-byte block of `data` (the last one zero-padded) to `out`, 32 bytes per block.
+const ENTRY: &str = "fsverity_hash_blocks";
+
+/// Threads per block of the launch (the kernel's `__launch_bounds__`).
+pub const THREADS_PER_BLOCK: u32 = 256;
+
+/// Compiles the kernel for `device` (`compute_XY` of its compute capability) and loads it.
+pub(crate) fn compile(device: &Device) -> Result<CudaFunction> {
+    if !nvrtc_present() {
+        return Err(CudaError::NvrtcMissing);
+    }
+    let (major, minor) = device.compute_capability();
+    let options = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{major}{minor}"),
+            "--std=c++17".to_owned(),
+            "-default-device".to_owned(),
+        ],
+        name: Some("fsverity.cu".to_owned()),
+        ..CompileOptions::default()
+    };
+    let ptx = compile_ptx_with_opts(FSVERITY_CU, options).map_err(|error| CudaError::Compile {
+        log: match error {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => other.to_string(),
+        },
+    })?;
+    device.bind()?;
+    let module = device
+        .ctx
+        .load_module(ptx)
+        .map_err(CudaError::driver("cuModuleLoadData"))?;
+    module
+        .load_function(ENTRY)
+        .map_err(CudaError::driver("cuModuleGetFunction"))
+}
+
+/// Queues `fsverity_hash_blocks(data, data_len, out)` on `stream`: one thread per 4096-byte block.
+///
+/// # Safety
+/// `data` must point to at least `data_len` readable bytes of device memory and `out` to at least
+/// `32 * ceil(data_len / 4096)` writable bytes, both on `stream`'s context, and both must stay
+/// allocated (and `out` unread by others) until the stream has passed this launch.
+pub(crate) unsafe fn launch_hash_blocks(
+    function: &CudaFunction,
+    stream: &CudaStream,
+    data: u64,
+    data_len: u64,
+    out: u64,
+) -> Result<()> {
+    let blocks = data_len.div_ceil(4096);
+    if blocks == 0 {
+        return Ok(());
+    }
+    let grid = u32::try_from(blocks.div_ceil(u64::from(THREADS_PER_BLOCK))).map_err(|_| {
+        CudaError::OutOfBounds {
+            what: "kernel grid size",
+        }
+    })?;
+    let config = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (THREADS_PER_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = stream.launch_builder(function);
+    launch.arg(&data).arg(&data_len).arg(&out);
+    // SAFETY: the kernel's parameters are (const u8*, u64, u8*), matching the three u64 values
+    // pushed above; the caller guarantees the pointed-to ranges (see `# Safety`); the kernel only
+    // reads `data[..data_len]` and writes `out[..32 * blocks]`.
+    unsafe { launch.launch(config) }.map_err(CudaError::driver("cuLaunchKernel"))?;
+    Ok(())
+}

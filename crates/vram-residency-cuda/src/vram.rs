@@ -1,0 +1,166 @@
+//! Device memory from `cuMemAlloc` (never managed, mapped or pool memory), with bounds-checked
+//! copies (MS-002/003/006/007) and a `Drop` that frees without panicking (MS-004/005).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cudarc::driver::{CudaContext, CudaStream, result, sys};
+
+use crate::error::{CudaError, Result};
+
+/// Device-memory frees that failed (the driver said no); they are logged, never panicked on.
+pub static FREE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// One `cuMemAlloc` allocation. Its address never leaves this crate except through
+/// [`device_ptr`](Self::device_ptr), and no `Debug`/`Display`/error shows it (MS-001).
+///
+/// `Send + Sync`: the handle is an address and a length; the driver API is thread-safe, every use
+/// first makes the owning context current on the calling thread, and `&self` methods only read the
+/// memory or copy into ranges the caller exclusively borrows (`&mut self` for writes).
+pub struct VramBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: sys::CUdeviceptr,
+    len: u64,
+}
+
+impl std::fmt::Debug for VramBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VramBuffer")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VramBuffer {
+    /// Allocates `len` bytes (`len > 0`) of plain device memory on `ctx`'s device.
+    ///
+    /// # Errors
+    /// [`CudaError::OutOfBounds`] for a zero or unrepresentable size; [`CudaError::Driver`] when
+    /// `cuMemAlloc` fails (out of memory).
+    pub fn alloc(ctx: &Arc<CudaContext>, len: u64) -> Result<Self> {
+        if len == 0 {
+            return Err(CudaError::OutOfBounds {
+                what: "zero-byte allocation",
+            });
+        }
+        let bytes = usize::try_from(len).map_err(|_| CudaError::OutOfBounds {
+            what: "allocation size exceeds usize",
+        })?;
+        ctx.bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))?;
+        // SAFETY: the context is current on this thread (bound above); the memory is returned
+        // uninitialised, which is fine for bytes; it is freed exactly once, in Drop.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(CudaError::driver("cuMemAlloc"))?;
+        Ok(Self {
+            ctx: Arc::clone(ctx),
+            ptr,
+            len,
+        })
+    }
+
+    /// Size in bytes.
+    #[must_use]
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never true (allocations are at least one byte).
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The context that owns the allocation.
+    #[must_use]
+    pub const fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device address, for kernels and the pointer-attribute check. Never log it (MS-001).
+    #[must_use]
+    pub const fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The device address of `offset`, after checking that `offset + len` fits in the buffer.
+    ///
+    /// # Errors
+    /// [`CudaError::OutOfBounds`].
+    pub fn checked_range(&self, offset: u64, len: u64) -> Result<u64> {
+        let end = offset.checked_add(len).ok_or(CudaError::OutOfBounds {
+            what: "offset + length overflows",
+        })?;
+        if end > self.len {
+            return Err(CudaError::OutOfBounds {
+                what: "range beyond the end of the device buffer",
+            });
+        }
+        self.ptr.checked_add(offset).ok_or(CudaError::OutOfBounds {
+            what: "device address overflows",
+        })
+    }
+
+    /// Copies `src` to `offset` and waits for the copy (pageable or pinned host memory).
+    ///
+    /// # Errors
+    /// [`CudaError::OutOfBounds`], [`CudaError::Driver`].
+    pub fn write(&mut self, offset: u64, src: &[u8]) -> Result<()> {
+        let dst = self.checked_range(offset, src.len() as u64)?;
+        self.bind()?;
+        // SAFETY: `dst..dst+src.len()` lies inside this allocation (checked_range); the context is
+        // current; the copy is synchronous, so `src` outlives it.
+        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(CudaError::driver("cuMemcpyHtoD"))
+    }
+
+    /// Queues a copy of `src` (which must be pinned host memory) to `offset` on `stream`.
+    ///
+    /// # Errors
+    /// [`CudaError::OutOfBounds`], [`CudaError::Driver`].
+    ///
+    /// # Safety
+    /// `src` must stay valid and unmodified until `stream` has passed this copy (synchronise the
+    /// stream or an event recorded after it before reusing or freeing `src`), and `stream` must
+    /// belong to this buffer's context. Writes through `&self` are sound only because callers
+    /// give concurrent copies disjoint ranges (the staging ring hands out each chunk once).
+    pub unsafe fn write_async(&self, offset: u64, src: &[u8], stream: &CudaStream) -> Result<()> {
+        let dst = self.checked_range(offset, src.len() as u64)?;
+        // SAFETY: `dst..dst+src.len()` lies inside this allocation (checked_range); the caller keeps
+        // `src` alive and unchanged until the stream passes the copy and uses this context's stream.
+        unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }
+            .map_err(CudaError::driver("cuMemcpyHtoDAsync"))
+    }
+
+    /// Copies `dst.len()` bytes from `offset` into `dst` and waits for the copy.
+    ///
+    /// # Errors
+    /// [`CudaError::OutOfBounds`], [`CudaError::Driver`].
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let src = self.checked_range(offset, dst.len() as u64)?;
+        self.bind()?;
+        // SAFETY: `src..src+dst.len()` lies inside this allocation (checked_range); the context is
+        // current; the copy is synchronous and `dst` is exclusively borrowed for it.
+        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(CudaError::driver("cuMemcpyDtoH"))
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))
+    }
+}
+
+impl Drop for VramBuffer {
+    fn drop(&mut self) {
+        let freed = self
+            .ctx
+            .bind_to_thread()
+            // SAFETY: `ptr` came from cuMemAlloc on this context and is freed only here, once; no
+            // copy or kernel of ours still uses it (every operation synchronises before returning
+            // the buffer to safe code).
+            .and_then(|()| unsafe { result::free_sync(self.ptr) });
+        if let Err(error) = freed {
+            FREE_ERRORS.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%error, bytes = self.len, "cuMemFree failed; device memory may leak");
+        }
+    }
+}
