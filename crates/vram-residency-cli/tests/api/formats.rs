@@ -7,14 +7,10 @@ use vram_residency::audit::AuditEvent;
 use vram_residency::format::ModelFormat;
 use vram_residency::{SealOptions, VramError};
 
-use crate::support::{bin, small_worker};
+use crate::support::{bin, repo_path, small_worker};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../vram-residency/tests/fixtures"
-    ))
-    .join(name)
+    repo_path("crates/vram-residency/tests/fixtures").join(name)
 }
 
 #[test]

@@ -4,6 +4,8 @@ use vram_residency::backend::BackendKind;
 use vram_residency::seal::SealRecord;
 use vram_residency::{Digest, ShardId, WorkerToken};
 
+use crate::support::repo_path;
+
 /// Extracts the hex of the fenced block that follows `<!-- example:NAME -->` in the doc.
 fn doc_example(doc: &str, name: &str) -> String {
     let marker = format!("<!-- example:{name} -->");
@@ -39,11 +41,7 @@ pub fn worked_example_record() -> SealRecord {
 
 #[test]
 fn seal_record_worked_example_in_docs_is_recomputed_ci_002() {
-    let doc = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../docs/seal-record.md"
-    ))
-    .unwrap();
+    let doc = std::fs::read_to_string(repo_path("docs/seal-record.md")).unwrap();
     let record = worked_example_record();
     let encoding = record.encode().unwrap();
     if std::env::var("PRINT_EXAMPLE").is_ok() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{TEST_TOKEN, bin, random_bytes};
+use crate::support::{TEST_TOKEN, bin, random_bytes, repo_path};
 
 /// Longest any single wait in these tests may take.
 const BOUND: Duration = Duration::from_secs(60);
@@ -1063,11 +1063,7 @@ fn audit_verify_reports_a_torn_tail_as_such_and_tampering_as_failure_with_the_li
 
 #[test]
 fn openapi_documents_every_route() {
-    let spec = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../docs/openapi.yaml"
-    ))
-    .unwrap();
+    let spec = std::fs::read_to_string(repo_path("docs/openapi.yaml")).unwrap();
     assert!(spec.starts_with("openapi: 3."));
     for (path, methods) in [
         ("/v1/shards", &["get", "post"][..]),

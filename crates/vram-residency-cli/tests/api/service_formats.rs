@@ -9,11 +9,12 @@ use vram_residency::shard::ShardId;
 use vram_residency::{AuditEntry, AuditEvent, Severity, WorkerToken};
 
 use crate::seal_format::worked_example_record;
+use crate::support::repo_path;
 
 const EXAMPLE_TOKEN: &[u8] = b"example-worker-token-0123456789abcdef";
 
 fn doc(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/../../docs/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read_to_string(repo_path("docs").join(name)).unwrap()
 }
 
 /// The lines of the fenced block that follows `<!-- example:NAME -->`.

@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -62,15 +63,40 @@ pub fn small_worker() -> SimWorker {
     sim_worker(2, 64 << 20, ManagerConfig::default())
 }
 
-/// The CLI binary under test.
-pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vram-residency"))
+/// A path in the repository, given relative to the repository root (`"docs/seal-record.md"`).
+///
+/// The root is `$VRAM_RESIDENCY_REPO` when set (test binaries copied to another machine, see
+/// `scripts/gpu-test`), else the checkout these tests were compiled from.
+pub fn repo_path(rel: &str) -> PathBuf {
+    let root = std::env::var_os("VRAM_RESIDENCY_REPO").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+        PathBuf::from,
+    );
+    root.join(rel)
 }
 
+/// The CLI binary under test: `$VRAM_RESIDENCY_BIN` when set, else the one cargo built.
+pub fn bin() -> Command {
+    Command::new(
+        std::env::var_os("VRAM_RESIDENCY_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_vram-residency").into()),
+    )
+}
+
+/// A file of this crate's `tests/data/`.
 pub fn data_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+    repo_path("crates/vram-residency-cli/tests/data").join(name)
+}
+
+/// Reports that `test` could not run here and why, as the line `skipped: {reason}: {test}` on the
+/// process's stderr; the caller then returns. `scripts/test` and `scripts/gpu-test` count these lines
+/// as skipped, not passed. Written straight to the stderr handle, which libtest does not capture
+/// (`eprintln!` it does), in one write that starts with a newline: with `--test-threads=1` or `-q`
+/// libtest's own `test NAME ... ` / `.` is still on the line.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("\nskipped: {reason}: {test}\n");
+    // Best effort: a test that cannot report its skip has nothing better to do than return.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Lines of a data file without comments and blank lines, split on whitespace.
@@ -84,7 +110,7 @@ pub fn data_rows(name: &str) -> Vec<Vec<String>> {
 }
 
 /// Whether the stock `fsverity` tool is installed. Missing is a failure (CI installs it), unless
-/// VRAM_RESIDENCY_SKIP_ORACLE=1, which prints "skipped" instead.
+/// VRAM_RESIDENCY_SKIP_ORACLE=1, which reports the calling test as skipped (see [`skip`]).
 pub fn fsverity_oracle() -> bool {
     let present = Command::new("fsverity")
         .arg("--version")
@@ -94,7 +120,12 @@ pub fn fsverity_oracle() -> bool {
         return true;
     }
     if std::env::var("VRAM_RESIDENCY_SKIP_ORACLE").as_deref() == Ok("1") {
-        eprintln!("skipped: fsverity (fsverity-utils) not installed");
+        // libtest names each test's thread after the test.
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("fsverity oracle")
+            .to_owned();
+        skip(&test, "fsverity (fsverity-utils) not installed");
         return false;
     }
     panic!(

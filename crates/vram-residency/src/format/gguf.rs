@@ -1220,10 +1220,7 @@ mod tests {
 
     #[test]
     fn ggml_type_table_matches_upstream_gguf_quant_sizes() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/ggml-quant-sizes.json"
-        );
+        let path = crate::format::test_fixture("ggml-quant-sizes.json");
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let upstream = json["types"].as_object().unwrap();

@@ -524,6 +524,18 @@ impl<'r> HeaderReader<'r> {
     }
 }
 
+/// A file of this crate's `tests/fixtures/`, for the unit tests: under `$VRAM_RESIDENCY_REPO` when
+/// set (test binaries copied to another machine, see `scripts/gpu-test`), else in the checkout the
+/// tests were compiled from.
+#[cfg(test)]
+pub(crate) fn test_fixture(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("VRAM_RESIDENCY_REPO").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+        |repo| std::path::Path::new(&repo).join("crates/vram-residency/tests/fixtures"),
+    );
+    dir.join(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,8 +543,8 @@ mod tests {
     use serde_json::Value;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        let path = test_fixture(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     fn expected(name: &str) -> Value {
@@ -541,8 +553,7 @@ mod tests {
 
     /// Reads a fixture through the `Read` path, as the manager will: a buffered file.
     fn read_fixture_file(name: &str) -> TensorTable {
-        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-        let file = std::fs::File::open(&path).unwrap();
+        let file = std::fs::File::open(test_fixture(name)).unwrap();
         let len = file.metadata().unwrap().len();
         let mut reader = std::io::BufReader::new(file);
         read_tensor_table(&mut reader, len).unwrap()

@@ -772,10 +772,7 @@ mod tests {
 
     #[test]
     fn dtype_table_matches_upstream_safetensors() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/safetensors-dtypes.json"
-        );
+        let path = crate::format::test_fixture("safetensors-dtypes.json");
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let upstream = json["bits"].as_object().unwrap();
