@@ -155,10 +155,3 @@ pub fn sim_free(sim: &SimBackend, gpu: usize) -> u64 {
     use vram_residency::Backend as _;
     sim.devices().unwrap()[gpu].free_bytes
 }
-
-/// Reports a test that could not run here (e.g. no GPU) on the real stderr, past libtest's capture,
-/// as `skipped: {reason}: {test}`; the test scripts count these lines as skipped.
-pub fn skip(test: &str, reason: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "skipped: {reason}: {test}");
-}
