@@ -31,6 +31,7 @@ struct SizeRun {
     cpu_digest_gbps: f64,
     seal_seconds: f64,
     seal_gbps: f64,
+    rss_before_seal_bytes: Option<u64>,
     peak_rss_during_seal_bytes: Option<u64>,
     verify_runs: usize,
     verify_gbps_best: f64,
@@ -80,9 +81,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         device.name,
         args.sizes.iter().map(|s| human(*s)).collect::<Vec<_>>()
     );
+    if let Some(file) = &args.file {
+        eprintln!("bench: measuring the existing file {}", file.display());
+    }
+
+    // First use compiles the kernel (NVRTC) and loads it; measured once, outside the runs.
+    let started = Instant::now();
+    let warm = manager.seal_model(&vec![0x42u8; 1 << 20], args.gpu)?;
+    manager.verify_sealed(&warm)?;
+    manager.deallocate(warm)?;
+    let warm_up_seconds = round(started.elapsed().as_secs_f64());
 
     let mut runs = Vec::new();
-    for &size in &args.sizes {
+    let sizes = match &args.file {
+        Some(file) => vec![
+            std::fs::metadata(file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .len(),
+        ],
+        None => args.sizes.clone(),
+    };
+    for &size in &sizes {
         runs.push(bench_size(&manager, cuda.as_deref(), args, size)?);
     }
     let ceilings = match &cuda {
@@ -112,6 +131,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "device": device.name,
         "driver": driver,
         "staging_pinned_bytes": args.backend.cuda().staging.pinned_bytes(),
+        "staging": format!("{:?}", args.backend.cuda().staging),
+        "first_use_seconds": warm_up_seconds,
         "ceilings": ceilings,
         "runs": runs,
     });
@@ -141,21 +162,34 @@ fn bench_size(
     if size == 0 {
         bail!("sizes must be at least 1 byte");
     }
-    let path = args.dir.join(format!("vram-residency-bench-{size}.bin"));
-    let _cleanup = RemoveOnDrop(path.clone());
-    eprintln!("bench: {}: writing the test file", human(size));
-    write_random_file(&path, size)?;
+    let (path, _cleanup) = match &args.file {
+        Some(file) => (file.clone(), None),
+        None => {
+            let path = args.dir.join(format!("vram-residency-bench-{size}.bin"));
+            let cleanup = RemoveOnDrop(path.clone());
+            eprintln!("bench: {}: writing the test file", human(size));
+            write_random_file(&path, size)?;
+            (path, Some(cleanup))
+        }
+    };
 
+    // The CPU digest runs in a child process (`vram-residency digest`), so its buffers do not count
+    // in this process's RSS during the seal.
     let started = Instant::now();
-    let cpu = digest::digest_file(&path, &|_| {})?;
+    let cpu_digest = cpu_digest_in_child(&path)?;
     let cpu_time = started.elapsed().as_secs_f64();
 
     eprintln!("bench: {}: seal (page cache hot)", human(size));
+    let rss_before = status_bytes("VmRSS:");
     let rss_reset = reset_peak_rss();
     let started = Instant::now();
     let shard = manager.seal_file(&path, args.gpu, &SealOptions::default())?;
     let seal_time = started.elapsed().as_secs_f64();
-    let peak_rss = if rss_reset { peak_rss_bytes() } else { None };
+    let peak_rss = if rss_reset {
+        status_bytes("VmHWM:")
+    } else {
+        None
+    };
 
     eprintln!("bench: {}: verify x{}", human(size), args.verify_runs);
     let mut verify_times = Vec::new();
@@ -198,13 +232,14 @@ fn bench_size(
         cpu_digest_gbps: round(gbps(size, cpu_time)),
         seal_seconds: round(seal_time),
         seal_gbps: round(seal_gbps),
+        rss_before_seal_bytes: rss_before,
         peak_rss_during_seal_bytes: peak_rss,
         verify_runs: verify_times.len(),
         verify_gbps_best: round(verify_best),
         verify_gbps_median: round(gbps(size, median)),
         gpu_digest: gpu_digest.to_string(),
-        cpu_digest: cpu.digest().to_string(),
-        gpu_digest_equals_cpu: gpu_digest == cpu.digest(),
+        gpu_digest_equals_cpu: gpu_digest.to_string() == cpu_digest,
+        cpu_digest,
         seed_seal_gbps: seed_seal_gbps.map(round),
         seed_verify_gbps: seed_verify_gbps.map(round),
         seal_vs_seed: seed_seal_gbps.map(|seed| round(ratio(seal_gbps, seed))),
@@ -302,8 +337,31 @@ fn write_random_file(path: &Path, size: u64) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    // Written back, so the seal reads a clean, page-cache-hot file (as a model that has been on the
+    // host for a while is), and dropping its pages afterwards does not start writeback.
+    file.sync_all()?;
     std::io::stderr().flush().ok();
     Ok(())
+}
+
+/// `vram-residency digest PATH` in a child process; returns the digest it printed.
+fn cpu_digest_in_child(path: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .arg("digest")
+        .arg(path)
+        .output()
+        .context("running `vram-residency digest`")?;
+    if !out.status.success() {
+        bail!(
+            "`vram-residency digest` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("`vram-residency digest` printed nothing")
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -319,10 +377,10 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// VmHWM of this process, in bytes.
-fn peak_rss_bytes() -> Option<u64> {
+/// A `/proc/self/status` memory line (`VmRSS:`, `VmHWM:`), in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
 }

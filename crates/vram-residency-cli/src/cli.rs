@@ -89,6 +89,16 @@ pub struct BackendArgs {
     /// Read model files with O_DIRECT (bypassing the page cache) when uploading (cuda only).
     #[arg(long, env = "VRAM_RESIDENCY_DIRECT_IO")]
     pub direct_io: bool,
+    /// Keep the model file's pages in the page cache after an upload (default: drop them, so the
+    /// weights do not stay in host RAM) (cuda only).
+    #[arg(long, env = "VRAM_RESIDENCY_KEEP_PAGE_CACHE")]
+    pub keep_page_cache: bool,
+    /// Reader threads of the staging ring (default: cores, at most 8) (cuda only).
+    #[arg(long, env = "VRAM_RESIDENCY_STAGING_READERS")]
+    pub staging_readers: Option<usize>,
+    /// Size of one pinned staging buffer, a multiple of 4096 (cuda only); two per reader.
+    #[arg(long, env = "VRAM_RESIDENCY_STAGING_BUFFER", default_value = "8MiB", value_parser = parse_bytes)]
+    pub staging_buffer: u64,
 }
 
 impl BackendArgs {
@@ -102,6 +112,11 @@ impl BackendArgs {
     pub fn cuda(&self) -> vram_residency_cuda::CudaConfig {
         let mut config = vram_residency_cuda::CudaConfig::default();
         config.staging.direct_io = self.direct_io;
+        config.staging.drop_page_cache = !self.keep_page_cache;
+        if let Some(readers) = self.staging_readers {
+            config.staging.readers = readers;
+        }
+        config.staging.slot_bytes = usize::try_from(self.staging_buffer).unwrap_or(usize::MAX);
         config
     }
 
@@ -171,6 +186,9 @@ pub struct BenchArgs {
     /// Directory for the temporary test files (they are deleted afterwards).
     #[arg(long, default_value = "/tmp")]
     pub dir: PathBuf,
+    /// Measure this existing file instead of generated ones (kept; --sizes is ignored).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
     /// Verifications per size (best and median are reported).
     #[arg(long, default_value_t = 5)]
     pub verify_runs: usize,

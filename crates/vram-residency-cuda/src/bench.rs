@@ -94,6 +94,11 @@ pub fn device_to_device(device: &Device, bytes: u64) -> Result<Timed> {
         // anything else; the copy is synchronous.
         unsafe { result::memcpy_dtod_sync(dst.device_ptr(), src.device_ptr(), n) }
             .map_err(CudaError::driver("cuMemcpyDtoD"))?;
+        // Device-to-device copies return before they finish: wait for the device.
+        device
+            .ctx
+            .synchronize()
+            .map_err(CudaError::driver("cuCtxSynchronize"))?;
         timed = started.elapsed().as_secs_f64();
     }
     Ok(Timed {

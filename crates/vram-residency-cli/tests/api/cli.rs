@@ -273,6 +273,7 @@ fn demo_detects_corruption_and_stops_the_worker() {
 
 #[test]
 fn demo_uses_cuda_when_a_gpu_is_present_and_says_which_backend_it_used() {
+    let _gpu = crate::support::gpu_serial();
     let out = bin()
         .args(["demo", "--size", "3MiB", "--json"])
         .output()

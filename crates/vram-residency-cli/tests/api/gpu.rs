@@ -3,7 +3,7 @@
 //! They hold one lock, so each sees the device to itself and can check that free VRAM comes back.
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, MutexGuard, OnceLock};
 
 use vram_residency::backend::Residency;
 use vram_residency::digest::{LEVEL1_SPAN, digest_bytes, digest_file};
@@ -22,7 +22,6 @@ struct Gpu {
 /// The shared CUDA backend and the GPU lock, or `None` (after printing the skip line) without a GPU.
 fn gpu(test: &str) -> Option<Gpu> {
     static BACKEND: OnceLock<Option<Arc<CudaBackend>>> = OnceLock::new();
-    static SERIAL: Mutex<()> = Mutex::new(());
     let backend = BACKEND.get_or_init(|| match CudaBackend::new(CudaConfig::default()) {
         Ok(backend) => Some(Arc::new(backend)),
         Err(CudaError::DriverMissing | CudaError::NoDevice) => None,
@@ -34,9 +33,7 @@ fn gpu(test: &str) -> Option<Gpu> {
     };
     Some(Gpu {
         backend: Arc::clone(backend),
-        _serial: SERIAL
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        _serial: crate::support::gpu_serial(),
     })
 }
 

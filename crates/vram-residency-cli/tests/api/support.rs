@@ -155,3 +155,12 @@ pub fn sim_free(sim: &SimBackend, gpu: usize) -> u64 {
     use vram_residency::Backend as _;
     sim.devices().unwrap()[gpu].free_bytes
 }
+
+/// Serialises the tests that use a real GPU (in this process or through a CLI child process), so
+/// each sees the device to itself and free-VRAM checks are not disturbed by another test.
+pub fn gpu_serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
