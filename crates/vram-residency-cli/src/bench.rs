@@ -33,6 +33,8 @@ struct SizeRun {
     seal_gbps: f64,
     rss_before_seal_bytes: Option<u64>,
     peak_rss_during_seal_bytes: Option<u64>,
+    seal_process_peak_rss_bytes: Option<u64>,
+    seal_process_seconds: Option<f64>,
     verify_runs: usize,
     verify_gbps_best: f64,
     verify_gbps_median: f64,
@@ -220,6 +222,21 @@ fn bench_size(
         let (timed, _) = seed_seal(gpu, &path)?;
         seed_seal_gbps = Some(timed.gb_per_s());
     }
+    // Peak RSS of a whole `vram-residency seal` process sealing the same file (page cache hot
+    // again after the seed's full read, or after the CPU digest when the seed is skipped).
+    let (mut child_rss, mut child_seconds) = (None, None);
+    if cuda.is_some() {
+        if args.skip_seed {
+            cpu_digest_in_child(&path)?;
+        }
+        eprintln!(
+            "bench: {}: peak RSS of a separate `seal` process",
+            human(size)
+        );
+        let (seconds, rss) = seal_in_child(args, &path)?;
+        child_seconds = Some(round(seconds));
+        child_rss = rss;
+    }
     let seal_gbps = gbps(size, seal_time);
     let best = verify_times.first().copied().unwrap_or(0.0);
     let median = verify_times
@@ -234,6 +251,8 @@ fn bench_size(
         seal_gbps: round(seal_gbps),
         rss_before_seal_bytes: rss_before,
         peak_rss_during_seal_bytes: peak_rss,
+        seal_process_peak_rss_bytes: child_rss,
+        seal_process_seconds: child_seconds,
         verify_runs: verify_times.len(),
         verify_gbps_best: round(verify_best),
         verify_gbps_median: round(gbps(size, median)),
@@ -260,7 +279,7 @@ fn print_table(runs: &[SizeRun], report: &serde_json::Value) {
         );
     }
     println!(
-        "{:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>9} {:>9} {:>10}",
+        "{:>10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10} {:>9} {:>12} {:>10}",
         "size",
         "seal GB/s",
         "seed seal",
@@ -269,13 +288,13 @@ fn print_table(runs: &[SizeRun], report: &serde_json::Value) {
         "seal x",
         "verify x",
         "CPU GB/s",
-        "RSS MiB",
+        "seal RSS MiB",
         "digest"
     );
     let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
     for run in runs {
         println!(
-            "{:>10} {:>10.2} {:>10} {:>12.1} {:>12} {:>10} {:>10} {:>9.2} {:>9} {:>10}",
+            "{:>10} {:>10.2} {:>10} {:>12.1} {:>12} {:>10} {:>10} {:>9.2} {:>12} {:>10}",
             human(run.bytes),
             run.seal_gbps,
             opt(run.seed_seal_gbps),
@@ -284,7 +303,8 @@ fn print_table(runs: &[SizeRun], report: &serde_json::Value) {
             opt(run.seal_vs_seed),
             opt(run.verify_vs_seed),
             run.cpu_digest_gbps,
-            run.peak_rss_during_seal_bytes
+            run.seal_process_peak_rss_bytes
+                .or(run.peak_rss_during_seal_bytes)
                 .map_or_else(|| "n/a".to_owned(), |b| (b >> 20).to_string()),
             if run.gpu_digest_equals_cpu {
                 "= CPU"
@@ -362,6 +382,72 @@ fn cpu_digest_in_child(path: &Path) -> anyhow::Result<String> {
         .next()
         .map(str::to_owned)
         .context("`vram-residency digest` printed nothing")
+}
+
+/// Runs `vram-residency seal PATH --backend cuda` (same GPU and staging flags, a throwaway token)
+/// and samples the child's VmHWM every few milliseconds until it exits. Returns its wall time and
+/// the highest VmHWM seen (VmHWM only grows, so the last sample is the peak up to then).
+fn seal_in_child(args: &BenchArgs, path: &Path) -> anyhow::Result<(f64, Option<u64>)> {
+    let token_path = args
+        .dir
+        .join(format!("vram-residency-bench-token-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(token_path.clone());
+    let mut random = [0u8; 32];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
+    std::fs::write(&token_path, hex::encode(random))?;
+    let staging = args.backend.cuda().staging;
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .arg("seal")
+        .arg(path)
+        .args([
+            "--backend",
+            "cuda",
+            "--json",
+            "--max-model-bytes",
+            &u64::MAX.to_string(),
+        ])
+        .args(["--gpu", &args.gpu.to_string()])
+        .args(["--staging-readers", &staging.readers.to_string()])
+        .args(["--staging-buffer", &staging.slot_bytes.to_string()])
+        .arg("--token-file")
+        .arg(&token_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    if staging.direct_io {
+        command.arg("--direct-io");
+    }
+    if !staging.drop_page_cache {
+        command.arg("--keep-page-cache");
+    }
+    let started = Instant::now();
+    let mut child = command.spawn().context("starting `vram-residency seal`")?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak: Option<u64> = None;
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            peak = peak.max(kib.checked_mul(1024));
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if !status.success() {
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr).ok();
+        }
+        bail!("`vram-residency seal` failed: {stderr}");
+    }
+    Ok((seconds, peak))
 }
 
 struct RemoveOnDrop(PathBuf);

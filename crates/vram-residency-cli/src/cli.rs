@@ -97,7 +97,7 @@ pub struct BackendArgs {
     #[arg(long, env = "VRAM_RESIDENCY_STAGING_READERS")]
     pub staging_readers: Option<usize>,
     /// Size of one pinned staging buffer, a multiple of 4096 (cuda only); two per reader.
-    #[arg(long, env = "VRAM_RESIDENCY_STAGING_BUFFER", default_value = "8MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "VRAM_RESIDENCY_STAGING_BUFFER", default_value = "2MiB", value_parser = parse_bytes)]
     pub staging_buffer: u64,
 }
 

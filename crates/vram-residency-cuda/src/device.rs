@@ -88,6 +88,11 @@ impl Device {
         })?;
         let ctx =
             CudaContext::new(ordinal).map_err(CudaError::driver("cuDevicePrimaryCtxRetain"))?;
+        // SAFETY: event tracking only orders cudarc's own CudaSlice/CudaView buffers, which this
+        // crate never uses (its buffers are raw cuMemAlloc pointers, ordered by explicit stream
+        // synchronisation). Without it, creating a stream no longer synchronises the whole context,
+        // so one shard's verification does not wait for another shard's upload.
+        unsafe { ctx.disable_event_tracking() };
         let attribute = |attribute, call| ctx.attribute(attribute).map_err(CudaError::driver(call));
         let major = attribute(
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
