@@ -361,6 +361,55 @@ mod tests {
         }
     }
 
+    fn gpu(integrated: Option<bool>, ecc: Option<bool>) -> DeviceInfo {
+        DeviceInfo {
+            index: 3,
+            name: "test gpu".to_owned(),
+            uuid: [7; 16],
+            total_bytes: 1 << 30,
+            free_bytes: 1 << 30,
+            compute_capability: Some("9.0".to_owned()),
+            ecc_enabled: ecc,
+            integrated,
+        }
+    }
+
+    #[test]
+    fn device_policy_refuses_integrated_gpus_and_unknowns_and_ecc_off_when_required_vp_001() {
+        let lax = DevicePolicy::default();
+        let strict = DevicePolicy { require_ecc: true };
+        let cuda = BackendKind::Cuda;
+        assert_eq!(
+            lax.verdict(cuda, &gpu(Some(false), Some(false))),
+            DeviceVerdict::Accepted
+        );
+        assert_eq!(
+            strict.verdict(cuda, &gpu(Some(false), Some(true))),
+            DeviceVerdict::Accepted
+        );
+        for (policy, device, needle) in [
+            (lax, gpu(Some(true), Some(true)), "integrated"),
+            (lax, gpu(None, Some(true)), "did not say"),
+            (strict, gpu(Some(false), Some(false)), "ECC is off"),
+            (strict, gpu(Some(false), None), "ECC is unknown"),
+        ] {
+            match policy.verdict(cuda, &device) {
+                DeviceVerdict::Refused(reason) => {
+                    assert!(
+                        reason.contains(needle) && reason.contains("GPU 3"),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{device:?}: {other:?}"),
+            }
+        }
+        // sim devices know none of this and are labelled, never accepted as residency.
+        assert_eq!(
+            strict.verdict(BackendKind::Sim, &gpu(None, None)),
+            DeviceVerdict::Simulated
+        );
+    }
+
     #[test]
     fn weights_debug_shows_no_address_ms_001() {
         let w = Weights::device(0xdead_beef_0000, 4096);

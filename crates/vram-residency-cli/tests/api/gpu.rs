@@ -398,3 +398,43 @@ fn without_a_driver_the_cuda_backend_is_a_clear_error_not_a_panic() {
         "{stderr}"
     );
 }
+
+#[test]
+fn gpu_o_direct_uploads_give_the_same_digest_as_the_page_cache_path() {
+    let test = "gpu_o_direct_uploads_give_the_same_digest_as_the_page_cache_path";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    let mut config = CudaConfig::default();
+    config.staging.direct_io = true;
+    config.staging.readers = 3;
+    let direct = Arc::new(CudaBackend::new(config).unwrap());
+    let manager = VramManager::with_config(
+        &token(),
+        direct.clone(),
+        ManagerConfig::default(),
+        Arc::new(MemoryAuditSink::default()),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (index, size) in [1usize, 4097, (3 << 20) + 5, (9 << 20) + 4096]
+        .into_iter()
+        .enumerate()
+    {
+        let data = random_bytes(size, 5_000 + index as u64);
+        let path = dir.path().join(format!("d{index}.bin"));
+        std::fs::write(&path, &data).unwrap();
+        let shard = manager
+            .seal_file(&path, 0, &SealOptions::default())
+            .unwrap();
+        assert_eq!(
+            shard.digest,
+            digest_bytes(&data).unwrap().digest(),
+            "size {size}"
+        );
+        manager.deallocate(shard).unwrap();
+    }
+    drop(manager);
+    assert_eq!(direct.live_allocations(), 0);
+    drop(gpu);
+}

@@ -422,3 +422,89 @@ fn backend_without_devices_is_a_clear_error() {
     let err = VramManager::new_with_token(&token(), Arc::new(sim)).unwrap_err();
     assert!(matches!(err, VramError::BackendUnavailable { .. }), "{err}");
 }
+
+/// A `cuda`-kind backend over simulated memory whose devices report themselves integrated (or
+/// without ECC): what the device policy must refuse at start.
+struct FakeGpu {
+    sim: SimBackend,
+    integrated: bool,
+    ecc: bool,
+}
+
+impl vram_residency::Backend for FakeGpu {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+    fn devices(&self) -> vram_residency::Result<Vec<vram_residency::DeviceInfo>> {
+        let mut devices = self.sim.devices()?;
+        for device in &mut devices {
+            device.integrated = Some(self.integrated);
+            device.ecc_enabled = Some(self.ecc);
+        }
+        Ok(devices)
+    }
+    fn allocate(
+        &self,
+        gpu: u32,
+        bytes: u64,
+    ) -> vram_residency::Result<Box<dyn vram_residency::DeviceBuffer>> {
+        self.sim.allocate(gpu, bytes)
+    }
+}
+
+#[test]
+fn a_worker_refuses_to_start_on_an_integrated_gpu_or_without_required_ecc_and_audits_it_worker_4163()
+ {
+    let sim = || {
+        SimBackend::new(SimConfig {
+            devices: 1,
+            bytes_per_device: 1 << 20,
+        })
+    };
+    for (integrated, ecc, require_ecc, needle) in [
+        (true, true, false, "integrated"),
+        (false, false, true, "ECC is off"),
+    ] {
+        let audit = Arc::new(vram_residency::MemoryAuditSink::default());
+        let backend = Arc::new(FakeGpu {
+            sim: sim(),
+            integrated,
+            ecc,
+        });
+        let config = ManagerConfig {
+            device_policy: vram_residency::DevicePolicy { require_ecc },
+            ..ManagerConfig::default()
+        };
+        match VramManager::with_config(&token(), backend, config, audit.clone()) {
+            Err(VramError::PolicyViolation { reason }) => {
+                assert!(reason.contains(needle), "{reason}")
+            }
+            other => panic!("expected a policy violation, got {:?}", other.map(|_| ())),
+        }
+        let entries = audit.entries();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(
+            matches!(&entries[0].event, AuditEvent::PolicyViolation { gpu: 0, reason } if reason.contains(needle))
+        );
+        assert_eq!(entries[0].severity, Severity::Critical);
+    }
+    // A discrete GPU with ECC passes, also when ECC is required.
+    let backend = Arc::new(FakeGpu {
+        sim: sim(),
+        integrated: false,
+        ecc: true,
+    });
+    let config = ManagerConfig {
+        device_policy: vram_residency::DevicePolicy { require_ecc: true },
+        ..ManagerConfig::default()
+    };
+    assert!(
+        VramManager::with_config(
+            &token(),
+            backend,
+            config,
+            Arc::new(vram_residency::NoAuditSink)
+        )
+        .is_ok()
+    );
+}
