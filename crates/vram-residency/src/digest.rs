@@ -140,16 +140,7 @@ impl TreeDigest {
     /// # Errors
     /// [`VramError::MalformedRecord`] when the number of level-1 hashes does not fit `data_size`.
     pub fn from_level1(level1: Vec<Hash32>, data_size: u64) -> Result<Self> {
-        let expected = level1_count(data_size)?;
-        if u64::try_from(level1.len()).ok() != Some(expected) {
-            return Err(VramError::MalformedRecord {
-                what: "level-1 hash list",
-                reason: format!(
-                    "{} hashes given, {expected} expected for {data_size} bytes",
-                    level1.len()
-                ),
-            });
-        }
+        check_level1_count(&level1, data_size)?;
         let root_hash = root_from_level1(&level1);
         Ok(Self {
             digest: descriptor_digest(&root_hash, data_size),
@@ -172,16 +163,7 @@ impl TreeDigest {
         level1: Vec<Hash32>,
         data_size: u64,
     ) -> Result<Self> {
-        let expected = level1_count(data_size)?;
-        if u64::try_from(level1.len()).ok() != Some(expected) {
-            return Err(VramError::MalformedRecord {
-                what: "level-1 hash list",
-                reason: format!(
-                    "{} hashes given, {expected} expected for {data_size} bytes",
-                    level1.len()
-                ),
-            });
-        }
+        check_level1_count(&level1, data_size)?;
         Ok(Self {
             digest: descriptor_digest(&root_hash, data_size),
             root_hash,
@@ -247,6 +229,21 @@ impl TreeDigest {
         }
         ranges
     }
+}
+
+/// Refuses a level-1 list whose length does not fit `data_size`.
+fn check_level1_count(level1: &[Hash32], data_size: u64) -> Result<()> {
+    let expected = level1_count(data_size)?;
+    if u64::try_from(level1.len()).ok() == Some(expected) {
+        return Ok(());
+    }
+    Err(VramError::MalformedRecord {
+        what: "level-1 hash list",
+        reason: format!(
+            "{} hashes given, {expected} expected for {data_size} bytes",
+            level1.len()
+        ),
+    })
 }
 
 /// Number of level-1 hashes for `data_size` bytes: `ceil(data_size / 512 KiB)`.

@@ -12,7 +12,7 @@ use vram_residency::{
 };
 use vram_residency_cuda::{CudaBackend, CudaConfig, CudaError};
 
-use crate::support::{random_bytes, skip, token};
+use crate::support::{fsverity_digest, random_bytes, skip, token};
 
 struct Gpu {
     backend: Arc<CudaBackend>,
@@ -81,25 +81,6 @@ fn assert_no_leak(gpu: &Gpu, before: u64, test: &str) {
     );
 }
 
-fn fsverity_tool(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("fsverity")
-        .arg("digest")
-        .arg(path)
-        .output()
-        .expect("the stock fsverity tool (the test oracle) must be on PATH");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn gpu_devices_report_discrete_gpus_with_policy_facts_vp_001() {
     let Some(gpu) = gpu("gpu_devices_report_discrete_gpus_with_policy_facts_vp_001") else {
@@ -153,7 +134,7 @@ fn gpu_digest_equals_cpu_digest_and_fsverity_on_odd_sizes() {
         assert_eq!(shard.digest, cpu.digest(), "size {size}: GPU vs CPU");
         assert_eq!(
             shard.digest.to_string(),
-            fsverity_tool(&path),
+            fsverity_digest(&path),
             "size {size}: GPU vs fsverity"
         );
         // The in-memory path (single reader) too.
@@ -202,7 +183,7 @@ fn gpu_digest_of_a_multi_gib_shard_equals_cpu_and_fsverity() {
     assert_eq!(shard.digest, cpu.digest(), "GPU vs CPU");
     assert_eq!(
         shard.digest.to_string(),
-        fsverity_tool(&path),
+        fsverity_digest(&path),
         "GPU vs fsverity"
     );
     let report = manager.verify_sealed(&shard).unwrap();
