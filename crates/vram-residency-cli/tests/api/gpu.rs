@@ -419,3 +419,62 @@ fn gpu_o_direct_uploads_give_the_same_digest_as_the_page_cache_path() {
     assert_eq!(direct.live_allocations(), 0);
     drop(gpu);
 }
+
+#[test]
+fn gpu_every_gpu_holds_verifies_and_localises_its_own_shards_iv_002() {
+    let test = "gpu_every_gpu_holds_verifies_and_localises_its_own_shards_iv_002";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    let devices = gpu.backend.devices().unwrap();
+    let (manager, _) = manager(&gpu);
+    let data = random_bytes((6 << 20) + 123, 77);
+    let cpu = digest_bytes(&data).unwrap().digest();
+    let shards: Vec<_> = (0..devices.len() as u32)
+        .map(|index| manager.seal_model(&data, index).unwrap())
+        .collect();
+    for (shard, device) in shards.iter().zip(&devices) {
+        assert_eq!(shard.gpu_device, device.index);
+        assert_eq!(
+            shard.view().device_uuid,
+            vram_residency::shard::format_uuid(&device.uuid)
+        );
+        assert_eq!(shard.digest, cpu, "GPU {}", device.index);
+        let report = manager.verify_sealed(shard).unwrap();
+        assert_eq!(
+            report.residency,
+            Residency::DeviceMemory,
+            "GPU {}",
+            device.index
+        );
+        assert_eq!(manager.used_vram(device.index).unwrap(), data.len() as u64);
+    }
+    // A flip on the last GPU is found there, and only there.
+    let last = shards.last().unwrap();
+    gpu.backend
+        .flip_bit(last.allocation_id(), 8 * (5 << 20) + 3)
+        .unwrap();
+    for shard in &shards {
+        let outcome = manager.verify_sealed(shard);
+        if std::ptr::eq(shard, last) {
+            match outcome {
+                Err(VramError::Corruption { damaged, .. }) => {
+                    assert_eq!(damaged.len(), 1);
+                    assert_eq!(damaged[0].start, 5 << 20);
+                }
+                other => panic!("expected corruption on the last GPU, got {other:?}"),
+            }
+        } else {
+            outcome.unwrap();
+        }
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: {} GPU(s), one shard each, a flip found on GPU {} only",
+        devices.len(),
+        last.gpu_device
+    );
+    for shard in shards {
+        manager.deallocate(shard).unwrap();
+    }
+}
