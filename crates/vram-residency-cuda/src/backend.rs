@@ -88,6 +88,14 @@ impl CudaBackend {
             })
     }
 
+    /// Frees what the backend keeps for reuse (digest workspaces: scratch VRAM and streams). Free
+    /// VRAM is then what it was before the first verification, minus live shards.
+    pub fn trim_caches(&self) {
+        for device in &self.devices {
+            device.trim_caches();
+        }
+    }
+
     /// Number of allocations of this backend still alive.
     #[must_use]
     pub fn live_allocations(&self) -> usize {

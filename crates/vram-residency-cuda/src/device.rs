@@ -66,6 +66,8 @@ pub struct Device {
     multiprocessors: u32,
     /// The fs-verity kernel, compiled with NVRTC on first use and kept for the process's lifetime.
     pub(crate) kernel: Mutex<Option<CudaFunction>>,
+    /// Digest workspaces kept for reuse (see [`crate::tree`]).
+    pub(crate) workspaces: Mutex<Vec<crate::tree::Workspace>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -130,6 +132,7 @@ impl Device {
             integrated: integrated != 0,
             multiprocessors: u32::try_from(multiprocessors).unwrap_or(1).max(1),
             kernel: Mutex::new(None),
+            workspaces: Mutex::new(Vec::new()),
         })
     }
 
@@ -191,6 +194,14 @@ impl Device {
         self.ctx
             .bind_to_thread()
             .map_err(CudaError::driver("cuCtxSetCurrent"))
+    }
+
+    /// Frees the digest workspaces kept for reuse.
+    pub fn trim_caches(&self) {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// The compiled kernel, compiling it on first use.

@@ -11,7 +11,9 @@
 //! so one window's level-1 pass and the next window's data pass overlap and the GPU never drains
 //! between them. Scratch VRAM: two window-sized hash buffers (`2 × window / 128`, at most
 //! `len / 256 + 8 KiB` for shards over 2 MiB), the level-1 array (`len / 16384`) and the upper
-//! levels (`len / 2 MiB`): together well under `len / 128`, plus a small constant.
+//! levels (`len / 2 MiB`): together well under `len / 128`, plus a small constant. It lives in one
+//! allocation with two streams (a [`Workspace`]), kept per device for reuse, so a verification
+//! allocates and frees nothing.
 
 use std::sync::Arc;
 
@@ -62,6 +64,95 @@ impl WindowPlan {
     }
 }
 
+/// Where each scratch area lies in a workspace's one device allocation (offsets 256-aligned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    scratch: [u64; 2],
+    level1: u64,
+    ping: u64,
+    pong: u64,
+    total: u64,
+}
+
+impl Layout {
+    fn for_plan(plan: &WindowPlan, level1_count: u64) -> Self {
+        let aligned = |n: u64| n.max(1).next_multiple_of(256);
+        let scratch = aligned(plan.scratch_bytes());
+        let level1_bytes = aligned(level1_count.saturating_mul(HASH));
+        let upper = aligned(level1_count.div_ceil(128).saturating_mul(HASH));
+        let level1 = scratch.saturating_mul(2);
+        let ping = level1.saturating_add(level1_bytes);
+        let pong = ping.saturating_add(upper);
+        Self {
+            scratch: [0, scratch],
+            level1,
+            ping,
+            pong,
+            total: pong.saturating_add(upper),
+        }
+    }
+}
+
+/// Two streams and one scratch allocation, kept per device for reuse: a verification then
+/// allocates, frees and creates nothing (allocation and free cost time, and a free synchronises
+/// the device). At most [`MAX_POOLED`] per device are kept; [`crate::CudaBackend::trim_caches`]
+/// frees them.
+pub(crate) struct Workspace {
+    main: Arc<CudaStream>,
+    second: Arc<CudaStream>,
+    arena: VramBuffer,
+}
+
+/// Workspaces kept per device.
+pub(crate) const MAX_POOLED: usize = 4;
+
+impl Workspace {
+    /// A pooled workspace with at least `bytes` of scratch, or a new one.
+    fn take(device: &Device, bytes: u64) -> Result<Self> {
+        let pooled = {
+            let mut pool = device
+                .workspaces
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pool.iter()
+                .position(|w| w.arena.len() >= bytes)
+                .map(|index| pool.swap_remove(index))
+        };
+        if let Some(workspace) = pooled {
+            return Ok(workspace);
+        }
+        let ctx = &device.ctx;
+        let stream = || {
+            ctx.new_stream()
+                .map_err(CudaError::driver("cuStreamCreate"))
+        };
+        Ok(Self {
+            main: stream()?,
+            second: stream()?,
+            arena: VramBuffer::alloc(ctx, bytes)?,
+        })
+    }
+
+    /// Back to the pool (both streams are idle: callers synchronise them first). When the pool is
+    /// full the smallest workspace is freed.
+    fn give_back(self, device: &Device) {
+        let mut pool = device
+            .workspaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pool.push(self);
+        if pool.len() > MAX_POOLED
+            && let Some(smallest) = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| w.arena.len())
+                .map(|(index, _)| index)
+        {
+            drop(pool.swap_remove(smallest));
+        }
+    }
+}
+
 /// Measures the fs-verity digest of `buffer` on `device`'s GPU.
 ///
 /// # Errors
@@ -71,55 +162,58 @@ pub fn measure(device: &Device, buffer: &VramBuffer) -> Result<TreeDigest> {
     let len = buffer.len();
     let function = device.kernel()?;
     device.bind()?;
-    let ctx = &device.ctx;
-    let main = ctx
-        .new_stream()
-        .map_err(CudaError::driver("cuStreamCreate"))?;
-    let blocks = len.div_ceil(BLOCK);
-    if blocks <= 1 {
-        // fs-verity: the tree of a single block is empty and the root is that block's hash.
-        let out = VramBuffer::alloc(ctx, HASH)?;
-        // SAFETY: `buffer` holds `len` bytes and `out` 32 = 32 * ceil(len / 4096) bytes, both on
-        // this context; the stream is synchronised (in `read`, after `synchronize`) before either
-        // can be freed.
-        unsafe {
-            launch_hash_blocks(&function, &main, buffer.device_ptr(), len, out.device_ptr())
-        }?;
-        sync(&main)?;
-        let mut root = [0u8; HASH_SIZE];
-        out.read(0, &mut root)?;
-        return TreeDigest::from_device_tree(root, vec![root], len)
-            .map_err(|_| CudaError::Internal("level-1 count"));
-    }
-
     let plan = WindowPlan::for_len(len);
     let level1_count = len.div_ceil(SPAN);
-    let level1 = VramBuffer::alloc(ctx, level1_count.saturating_mul(HASH))?;
-    let second = ctx
-        .new_stream()
-        .map_err(CudaError::driver("cuStreamCreate"))?;
-    let streams: [&Arc<CudaStream>; 2] = [&main, &second];
-    let scratch = [
-        VramBuffer::alloc(ctx, plan.scratch_bytes())?,
-        VramBuffer::alloc(ctx, plan.scratch_bytes())?,
-    ];
-    let queued = queue_windows(&function, buffer, &plan, &streams, &scratch, &level1);
-    // Whatever happened, nothing may still run on these buffers when they are freed.
-    let synced = sync(&second).and(sync(&main));
-    queued?;
+    let layout = Layout::for_plan(&plan, level1_count);
+    let workspace = Workspace::take(device, layout.total)?;
+    let measured = measure_in(&function, buffer, &plan, &layout, &workspace);
+    // Whatever happened, nothing may still run on the workspace when it is reused or freed.
+    let synced = sync(&workspace.second).and(sync(&workspace.main));
+    if synced.is_ok() {
+        workspace.give_back(device);
+    }
+    let (root, level1) = measured?;
     synced?;
+    TreeDigest::from_device_tree(root, level1, len)
+        .map_err(|_| CudaError::Internal("level-1 count"))
+}
 
-    let root = upper_levels(device, &function, &main, &level1, level1_count)?;
+/// The digest passes on `workspace`; returns the root hash and the level-1 hashes.
+fn measure_in(
+    function: &CudaFunction,
+    buffer: &VramBuffer,
+    plan: &WindowPlan,
+    layout: &Layout,
+    workspace: &Workspace,
+) -> Result<([u8; HASH_SIZE], Vec<[u8; HASH_SIZE]>)> {
+    let len = buffer.len();
+    let arena = &workspace.arena;
+    if len.div_ceil(BLOCK) <= 1 {
+        // fs-verity: the tree of a single block is empty and the root is that block's hash.
+        let out = arena.checked_range(0, HASH)?;
+        // SAFETY: `buffer` holds `len` bytes and `out` has room for the 32 = 32 * ceil(len / 4096)
+        // output bytes (checked_range); both live on this context; the stream is synchronised
+        // before the hash is read and before the workspace is reused or freed.
+        unsafe { launch_hash_blocks(function, &workspace.main, buffer.device_ptr(), len, out) }?;
+        sync(&workspace.main)?;
+        let mut root = [0u8; HASH_SIZE];
+        arena.read(0, &mut root)?;
+        return Ok((root, vec![root]));
+    }
+    let level1_bytes = len.div_ceil(SPAN).saturating_mul(HASH);
+    let streams: [&Arc<CudaStream>; 2] = [&workspace.main, &workspace.second];
+    queue_windows(function, buffer, plan, layout, &streams, arena)?;
+    sync(&workspace.second)?;
+    sync(&workspace.main)?;
+    let root = upper_levels(function, &workspace.main, arena, layout, len.div_ceil(SPAN))?;
     let mut hashes = vec![
         0u8;
-        usize::try_from(level1_count.saturating_mul(HASH)).map_err(|_| {
-            CudaError::OutOfBounds {
-                what: "level-1 size",
-            }
+        usize::try_from(level1_bytes).map_err(|_| CudaError::OutOfBounds {
+            what: "level-1 size"
         })?
     ];
-    level1.read(0, &mut hashes)?;
-    let level1_hashes: Vec<[u8; HASH_SIZE]> = hashes
+    arena.read(layout.level1, &mut hashes)?;
+    let level1 = hashes
         .chunks_exact(HASH_SIZE)
         .map(|h| {
             let mut hash = [0u8; HASH_SIZE];
@@ -127,39 +221,41 @@ pub fn measure(device: &Device, buffer: &VramBuffer) -> Result<TreeDigest> {
             hash
         })
         .collect();
-    TreeDigest::from_device_tree(root, level1_hashes, len)
-        .map_err(|_| CudaError::Internal("level-1 count"))
+    Ok((root, level1))
 }
 
 /// Queues, per window, the data-block pass into the window's scratch and the level-1 pass from
-/// there into its place in `level1`; windows alternate between the two streams.
+/// there into its place in the level-1 area; windows alternate between the two streams.
 fn queue_windows(
     function: &CudaFunction,
     buffer: &VramBuffer,
     plan: &WindowPlan,
+    layout: &Layout,
     streams: &[&Arc<CudaStream>; 2],
-    scratch: &[VramBuffer; 2],
-    level1: &VramBuffer,
+    arena: &VramBuffer,
 ) -> Result<()> {
     let len = buffer.len();
     for index in 0..plan.count {
         let offset = index.saturating_mul(plan.window);
         let window_len = plan.window.min(len.saturating_sub(offset));
         let lane = usize::from(index % 2 == 1);
-        let (Some(stream), Some(hashes)) = (streams.get(lane), scratch.get(lane)) else {
+        let (Some(stream), Some(&scratch)) = (streams.get(lane), layout.scratch.get(lane)) else {
             return Err(CudaError::Internal("stream lane"));
         };
         let data = buffer.checked_range(offset, window_len)?;
         let block_hashes = window_len.div_ceil(BLOCK).saturating_mul(HASH);
-        let scratch_ptr = hashes.checked_range(0, block_hashes)?;
-        let out = level1.checked_range(
-            (offset / SPAN).saturating_mul(HASH),
+        let scratch_ptr = arena.checked_range(scratch, block_hashes)?;
+        let out = arena.checked_range(
+            layout
+                .level1
+                .saturating_add((offset / SPAN).saturating_mul(HASH)),
             block_hashes.div_ceil(BLOCK).saturating_mul(HASH),
         )?;
         // SAFETY: `data..+window_len` lies in `buffer`, `scratch_ptr..+block_hashes` in this lane's
-        // scratch, `out..` in `level1` (all checked above); the lane's previous window used the
-        // same scratch on the same stream, so stream order keeps it from being overwritten early;
-        // the caller synchronises both streams before any of these buffers is freed.
+        // scratch area and `out..` in the level-1 area (all checked above; the areas do not
+        // overlap, see Layout); the lane's previous window used the same scratch on the same
+        // stream, so stream order keeps it from being overwritten early; the caller synchronises
+        // both streams before reading the results or reusing the workspace.
         unsafe {
             launch_hash_blocks(function, stream, data, window_len, scratch_ptr)?;
             launch_hash_blocks(function, stream, scratch_ptr, block_hashes, out)?;
@@ -170,47 +266,34 @@ fn queue_windows(
 
 /// Hashes level 1 up to the root on the GPU; returns the root (32 bytes copied back).
 fn upper_levels(
-    device: &Device,
     function: &CudaFunction,
     stream: &Arc<CudaStream>,
-    level1: &VramBuffer,
+    arena: &VramBuffer,
+    layout: &Layout,
     level1_count: u64,
 ) -> Result<[u8; HASH_SIZE]> {
     let mut root = [0u8; HASH_SIZE];
-    if level1_count == 1 {
-        level1.read(0, &mut root)?;
-        return Ok(root);
-    }
-    let ctx = &device.ctx;
-    let next_bytes = level1_count.div_ceil(128).saturating_mul(HASH);
-    let ping = VramBuffer::alloc(ctx, next_bytes)?;
-    let pong = VramBuffer::alloc(ctx, next_bytes)?;
     let mut count = level1_count;
-    let mut source = level1;
-    let mut target = &ping;
-    let queued = (|| -> Result<()> {
-        while count > 1 {
-            let in_bytes = count.saturating_mul(HASH);
-            let out_count = count.div_ceil(128);
-            let src = source.checked_range(0, in_bytes)?;
-            let dst = target.checked_range(0, out_count.saturating_mul(HASH))?;
-            // SAFETY: both ranges checked above; one stream orders the levels; it is synchronised
-            // below before the buffers are read or freed.
-            unsafe { launch_hash_blocks(function, stream, src, in_bytes, dst) }?;
-            count = out_count;
-            source = target;
-            target = if std::ptr::eq(target, &ping) {
-                &pong
-            } else {
-                &ping
-            };
-        }
-        Ok(())
-    })();
-    let synced = sync(stream);
-    queued?;
-    synced?;
-    source.read(0, &mut root)?;
+    let mut source = layout.level1;
+    let mut target = layout.ping;
+    while count > 1 {
+        let in_bytes = count.saturating_mul(HASH);
+        let out_count = count.div_ceil(128);
+        let src = arena.checked_range(source, in_bytes)?;
+        let dst = arena.checked_range(target, out_count.saturating_mul(HASH))?;
+        // SAFETY: both ranges checked above and disjoint (different areas of the Layout); one
+        // stream orders the levels; it is synchronised below before the root is read.
+        unsafe { launch_hash_blocks(function, stream, src, in_bytes, dst) }?;
+        count = out_count;
+        source = target;
+        target = if target == layout.ping {
+            layout.pong
+        } else {
+            layout.ping
+        };
+    }
+    sync(stream)?;
+    arena.read(source, &mut root)?;
     Ok(root)
 }
 
@@ -248,10 +331,13 @@ mod tests {
             if plan.count > 1 {
                 assert_eq!(plan.window % SPAN, 0, "{len}: {plan:?}");
                 assert!(plan.window <= MAX_WINDOW, "{len}: {plan:?}");
-                let level1 = len.div_ceil(SPAN) * HASH;
-                let upper = 2 * level1.div_ceil(128 * HASH) * HASH;
-                let scratch = 2 * plan.scratch_bytes() + level1 + upper;
-                assert!(scratch <= len / 128 + 64 * 1024, "{len}: scratch {scratch}");
+                let layout = Layout::for_plan(&plan, len.div_ceil(SPAN));
+                assert!(layout.total <= len / 128 + 64 * 1024, "{len}: {layout:?}");
+                // The areas are in order and do not overlap.
+                assert!(layout.scratch[1] >= plan.scratch_bytes());
+                assert!(layout.level1 >= layout.scratch[1] + plan.scratch_bytes());
+                assert!(layout.ping >= layout.level1 + len.div_ceil(SPAN) * HASH);
+                assert!(layout.pong >= layout.ping + len.div_ceil(SPAN).div_ceil(128) * HASH);
             }
         }
     }
