@@ -64,8 +64,9 @@ fn warm_up(gpu: &Gpu) {
     manager.deallocate(shard).unwrap();
 }
 
-/// Free VRAM must come back to where it was (allocation granularity aside), and no allocation of
-/// ours may be left alive.
+/// No allocation of ours may be left alive, and free VRAM must be back where it was, give or take
+/// what the driver may allocate lazily for itself (one H100 run showed 6 MiB less free with no
+/// allocation of ours alive). The exact check is `gpu_repeated_cycles_leave_free_vram_exactly_where_it_was`.
 fn assert_no_leak(gpu: &Gpu, before: u64, test: &str) {
     let after = free_vram(gpu);
     assert_eq!(
@@ -74,7 +75,7 @@ fn assert_no_leak(gpu: &Gpu, before: u64, test: &str) {
         "{test}: live allocations remain"
     );
     assert!(
-        after.abs_diff(before) <= 4 << 20,
+        after.abs_diff(before) <= 16 << 20,
         "{test}: free VRAM {before} before, {after} after"
     );
     let _ = writeln!(
@@ -479,4 +480,59 @@ fn gpu_every_gpu_holds_verifies_and_localises_its_own_shards_iv_002() {
     for shard in shards {
         manager.deallocate(shard).unwrap();
     }
+}
+
+#[test]
+fn gpu_repeated_cycles_leave_free_vram_exactly_where_it_was() {
+    let test = "gpu_repeated_cycles_leave_free_vram_exactly_where_it_was";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cycle.bin");
+    std::fs::write(&path, random_bytes((7 << 20) + 3, 31)).unwrap();
+    // One cycle: every path that allocates (file upload, reader upload, verification, corruption
+    // and its report, an expected-digest refusal, a bad source), then everything freed.
+    let cycle = || {
+        let (manager, _) = manager(&gpu);
+        let a = manager
+            .seal_file(&path, 0, &SealOptions::default())
+            .unwrap();
+        let b = manager.seal_model(&random_bytes(5_000, 32), 0).unwrap();
+        manager.verify_sealed(&a).unwrap();
+        let wrong = SealOptions {
+            expected_digest: Some(digest_bytes(b"x").unwrap().digest()),
+            ..SealOptions::default()
+        };
+        assert!(matches!(
+            manager.seal_file(&path, 0, &wrong),
+            Err(VramError::DigestMismatch { .. })
+        ));
+        let mut short: &[u8] = &[1; 100];
+        assert!(matches!(
+            manager.seal_reader(&mut short, 200, 0, &SealOptions::default()),
+            Err(VramError::SourceChanged { .. })
+        ));
+        gpu.backend.flip_bit(b.allocation_id(), 9).unwrap();
+        assert!(matches!(
+            manager.verify_sealed(&b),
+            Err(VramError::Corruption { .. })
+        ));
+        manager.deallocate(a).unwrap();
+        manager.deallocate(b).unwrap();
+        drop(manager);
+        assert_eq!(gpu.backend.live_allocations(), 0);
+        free_vram(&gpu)
+    };
+    // The first cycle may make the driver allocate for itself; from then on nothing may change.
+    let first = cycle();
+    let later: Vec<u64> = (0..3).map(|_| cycle()).collect();
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: free VRAM after cycle 1: {first}, after cycles 2-4: {later:?}"
+    );
+    assert!(
+        later.iter().all(|&free| free == first),
+        "{first} then {later:?}"
+    );
 }
