@@ -471,7 +471,8 @@ fn status_bytes(key: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-fn gbps(bytes: u64, seconds: f64) -> f64 {
+/// Throughput in GB/s (10^9 bytes per second); 0 for no time.
+pub fn gbps(bytes: u64, seconds: f64) -> f64 {
     Timed { bytes, seconds }.gb_per_s()
 }
 

@@ -17,7 +17,7 @@ use vram_residency::{
 };
 
 use crate::backends;
-use crate::bench::human;
+use crate::bench::{gbps, human};
 use crate::cli::DemoArgs;
 use crate::progress;
 
@@ -388,12 +388,4 @@ fn synthetic_model(len: usize) -> anyhow::Result<SyntheticModel> {
         bytes.extend_from_slice(word.get(..take).unwrap_or_default());
     }
     Ok(SyntheticModel { bytes, data_offset })
-}
-
-fn gbps(bytes: u64, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        bytes as f64 / seconds / 1e9
-    } else {
-        0.0
-    }
 }
