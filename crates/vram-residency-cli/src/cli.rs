@@ -54,9 +54,12 @@ pub enum Command {
     /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
     /// verification catches it and the worker stops.
     Demo(DemoArgs),
-    /// Run the worker service: an HTTP API (loopback by default, bearer token) to commit, list,
-    /// verify, attest and evict shards, with an HMAC-chained audit log, sweeps and metrics.
+    /// Run the worker service: an HTTP API (loopback by default, role tokens) to commit, list,
+    /// verify, attest and evict shards, with a signed, hash-chained audit log, sweeps and metrics.
     Serve(Box<crate::serve::ServeArgs>),
+    /// Print the worker's public Ed25519 key (PEM) and its key id: what verifiers of its attestations
+    /// and audit log need. Derived from the worker token; the secret key is never printed.
+    Identity(crate::offline::IdentityArgs),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(crate::offline::AuditCommand),
@@ -135,9 +138,9 @@ impl BackendArgs {
 pub struct SealArgs {
     /// Model file to seal.
     pub file: PathBuf,
-    /// File holding the worker token (else the VRAM_RESIDENCY_TOKEN environment variable). The token
-    /// is never accepted on the command line.
-    #[arg(long)]
+    /// File holding the worker token, mode 0600 (else the VRAM_RESIDENCY_TOKEN environment
+    /// variable). The token is never accepted on the command line.
+    #[arg(long, env = "VRAM_RESIDENCY_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     #[command(flatten)]
     pub backend: BackendArgs,
@@ -291,6 +294,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => crate::bench::run(&args),
         Command::Demo(args) => crate::demo::run(&args),
         Command::Serve(args) => crate::serve::run(&args),
+        Command::Identity(args) => crate::offline::identity(&args),
         Command::Audit(command) => crate::offline::audit(&command),
         Command::Attest(command) => crate::offline::attest(&command),
     }

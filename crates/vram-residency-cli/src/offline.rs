@@ -1,59 +1,115 @@
-//! Offline checks: `audit verify` (the HMAC-chained audit log) and `attest verify` (an attestation
-//! against the nonce the caller sent). Both need the worker token (file or environment) to derive the
-//! key; neither needs the worker or a GPU.
+//! Offline checks that need **no secret**: `audit verify` (the hash-chained, Ed25519-signed audit log)
+//! and `attest verify` (a DSSE attestation against the nonce the caller sent). Both take the worker's
+//! public key (PEM, from `vram-residency identity` or `GET /v1/identity`); neither needs the worker,
+//! its token or a GPU. Also `identity`, which prints that public key (it needs the token, to derive it).
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Subcommand;
-use vram_residency::attestation::parse_nonce_hex;
+use clap::{Args, Subcommand};
+use vram_residency::attestation::{AttestationEnvelope, MAX_ENVELOPE_BYTES, parse_nonce_hex};
 use vram_residency::audit_log::verify_log;
 use vram_residency::shard::from_unix_nanos;
-use vram_residency::{Attestation, BackendKind};
+use vram_residency::{AuditHead, BackendKind, PublicKey};
 
 use crate::cli::load_token;
 
-/// Largest attestation file read.
-const MAX_ATTESTATION_BYTES: u64 = 1 << 20;
+/// Largest public key file read.
+const MAX_PUBLIC_KEY_BYTES: u64 = 16 * 1024;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify an audit log: every record's MAC, sequence and chain. Prints OK and the record count,
-    /// or the first bad record (line and why) and exits 1. A torn last line (a crash mid-write) is
-    /// reported as such; it is not tampering and every record before it still verifies.
+    /// Verify an audit log with the worker's public key: every record's signature, sequence and hash
+    /// chain. Prints OK, the record count and the head (SEQ:HASH), or the first bad record (line and
+    /// why) and exits 1. A file with no valid record (empty, not an audit log) fails. A torn last line
+    /// (a crash mid-write, or a cut inside a record) is reported with the number of bytes cut; every
+    /// record before it still verifies.
     Verify {
         /// The audit log.
         file: PathBuf,
-        /// File holding the worker token (else the VRAM_RESIDENCY_TOKEN environment variable).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        /// The worker's public key, PEM (`vram-residency identity`, `GET /v1/identity`).
+        #[arg(long, env = "VRAM_RESIDENCY_PUBLIC_KEY")]
+        public_key: PathBuf,
+        /// A head you obtained earlier (`GET /v1/worker`, an attestation's `audit_head`), as SEQ:HASH:
+        /// the log must contain that record with that hash. Detects a log cut after it.
+        #[arg(long, value_parser = parse_head)]
+        expect_head: Option<AuditHead>,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AttestCommand {
-    /// Verify an attestation (the JSON a worker returned) against the nonce you sent. Exits 1 when the
-    /// MAC does not verify (changed, or another token) or the nonce differs.
+    /// Verify an attestation (the DSSE envelope a worker returned) with the worker's public key and
+    /// the nonce you sent. Exits 1 when the signature does not verify (changed, or another key), the
+    /// statement is inconsistent, or the nonce differs.
     Verify {
-        /// The attestation JSON.
+        /// The attestation (DSSE envelope JSON).
         file: PathBuf,
-        /// File holding the worker token (else the VRAM_RESIDENCY_TOKEN environment variable).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
+        /// The worker's public key, PEM (`vram-residency identity`, `GET /v1/identity`).
+        #[arg(long, env = "VRAM_RESIDENCY_PUBLIC_KEY")]
+        public_key: PathBuf,
         /// The nonce sent with the request, hex.
         #[arg(long)]
         nonce: String,
     },
 }
 
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// File holding the worker token (mode 0600; else VRAM_RESIDENCY_TOKEN_FILE or the
+    /// VRAM_RESIDENCY_TOKEN environment variable).
+    #[arg(long, env = "VRAM_RESIDENCY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Print JSON (`key_id`, `public_key_pem`) instead of the PEM and the key id.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_head(text: &str) -> Result<AuditHead, String> {
+    text.parse().map_err(|e: vram_residency::VramError| e.to_string())
+}
+
+/// Reads a PEM public key file.
+pub fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading the public key {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        len <= MAX_PUBLIC_KEY_BYTES,
+        "{} is larger than 16 KiB; not a public key",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the public key {}", path.display()))?;
+    PublicKey::from_pem(&text).with_context(|| format!("public key {}", path.display()))
+}
+
+pub fn identity(args: &IdentityArgs) -> anyhow::Result<ExitCode> {
+    let public = load_token(args.token_file.as_deref())?.public_key();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "key_id": public.key_id(), "public_key_pem": public.to_pem() })
+        );
+    } else {
+        print!("{}", public.to_pem());
+        println!("key id: {}", public.key_id());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn audit(command: &AuditCommand) -> anyhow::Result<ExitCode> {
-    let AuditCommand::Verify { file, token_file } = command;
-    let key = load_token(token_file.as_deref())?.derive_keys().audit;
+    let AuditCommand::Verify {
+        file,
+        public_key,
+        expect_head,
+    } = command;
+    let key = read_public_key(public_key)?;
     let opened =
         std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let report = verify_log(&mut BufReader::new(opened), &key)?;
+    let report = verify_log(&mut BufReader::new(opened), &key, *expect_head)?;
     if let Some(bad) = &report.bad {
         println!(
             "FAILED: {}: line {} (byte offset {}): {}",
@@ -69,24 +125,37 @@ pub fn audit(command: &AuditCommand) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     println!(
-        "OK: {}: {} record(s) verified (seq 1..{}), chain intact",
+        "OK: {}: {} record(s) verified (seq 1..={}), chain intact, signed by {}",
         file.display(),
         report.records,
-        report.last_seq
+        report.head.seq,
+        key.key_id()
     );
+    println!("head: {}", report.head);
+    if let Some(expected) = expect_head {
+        println!("expected head {expected}: present");
+    }
     for skipped in &report.recovered {
         println!(
-            "note: line {} ({} bytes) is a torn line from an earlier crash, declared by the recovery \
-             record after it",
-            skipped.line, skipped.bytes
+            "CUT: line {}: {} byte(s) were cut (a record torn by a crash, or a deliberate cut inside a \
+             record); declared by the recovery record seq {}",
+            skipped.line, skipped.bytes, skipped.declared_by
         );
     }
     if let Some(torn) = &report.torn_tail {
         println!(
-            "TORN TAIL: line {} ({} bytes at offset {}) is an incomplete last line left by a crash \
-             mid-write; it is not a record. Every record before it verified. The worker ends it with \
-             a recovery record when it next starts.",
+            "TORN TAIL: line {}: {} byte(s) at offset {} after the last record were cut (a crash \
+             mid-write, or a deliberate cut inside a record); they are not a record. Every record \
+             before it verified. The worker declares them with a recovery record when it next starts.",
             torn.line, torn.bytes, torn.offset
+        );
+    }
+    if report.ends_with_clean_shutdown() {
+        println!("ends with a clean shutdown (service_stopped)");
+    } else {
+        println!(
+            "does not end with a clean shutdown: the worker is running, crashed, or records were cut \
+             off the end (give --expect-head to detect that)"
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -95,27 +164,26 @@ pub fn audit(command: &AuditCommand) -> anyhow::Result<ExitCode> {
 pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
     let AttestCommand::Verify {
         file,
-        token_file,
+        public_key,
         nonce,
     } = command;
-    let key = load_token(token_file.as_deref())?.derive_keys().attestation;
+    let key = read_public_key(public_key)?;
     let nonce = parse_nonce_hex(nonce)?;
     let text = read_small(file)?;
-    let attestation = match Attestation::from_json(&text) {
+    let verified = AttestationEnvelope::from_json(&text)
+        .and_then(|envelope| envelope.verify(&key, &nonce));
+    let attestation = match verified {
         Ok(attestation) => attestation,
         Err(error) => {
             println!("FAILED: {}: {error}", file.display());
             return Ok(ExitCode::FAILURE);
         }
     };
-    if let Err(error) = attestation.verify(&key, &nonce) {
-        println!("FAILED: {}: {error}", file.display());
-        return Ok(ExitCode::FAILURE);
-    }
     let record = &attestation.record;
     println!(
-        "OK: {}: attestation verified for this nonce",
-        file.display()
+        "OK: {}: attestation verified for this nonce, signed by {}",
+        file.display(),
+        key.key_id()
     );
     if record.backend == BackendKind::Sim {
         println!("  backend:      sim (simulated device memory in host RAM: NOT VRAM residency)");
@@ -123,6 +191,14 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         println!("  backend:      {}", record.backend);
     }
     println!("  shard:        {}", record.shard_id);
+    if !record.model_ref.is_empty() {
+        println!(
+            "  model:        {} (shard {} of {})",
+            record.model_ref,
+            record.shard_index.saturating_add(1),
+            record.total_shards
+        );
+    }
     println!("  digest:       {}", record.digest);
     println!("  vram_bytes:   {}", record.vram_bytes);
     println!(
@@ -141,6 +217,12 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         "  verification: {} bytes re-hashed to {} in {} ns",
         attestation.verified_bytes, attestation.verified_digest, attestation.verify_elapsed_ns
     );
+    match attestation.audit_head {
+        Some(head) => println!(
+            "  audit head:   {head} (check the log with `audit verify --expect-head {head}`)"
+        ),
+        None => println!("  audit head:   none (the worker keeps no durable audit log)"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -149,7 +231,7 @@ fn read_small(path: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("reading {}", path.display()))?
         .len();
     anyhow::ensure!(
-        len <= MAX_ATTESTATION_BYTES,
+        len <= MAX_ENVELOPE_BYTES as u64,
         "{} is larger than 1 MiB; not an attestation",
         path.display()
     );

@@ -1,64 +1,69 @@
 //! Attestations: a signed statement that a sealed shard is resident and intact *now*, for a caller's
-//! nonce (VP-006).
+//! nonce (VP-006), that **anyone with the worker's public key** can check — no secret needed.
 //!
 //! [`VramManager::attest`](crate::VramManager::attest) makes a **fresh** verification of the shard (seal
-//! HMAC, residency, digest re-measured where the bytes are) and then signs, under the worker's
-//! **attestation key**, a canonical encoding of: the shard's seal record (its exact canonical bytes)
-//! and seal tag, the device's name, the driver version (`sim` for the simulated backend), the backend,
-//! the residency verdict, the caller's nonce, the time, and the result of that verification. The MAC is
-//! HMAC-SHA256 over this encoding (domain tag + version, fixed-width or length-prefixed fields, never
-//! re-serialised JSON):
+//! HMAC, residency, digest re-measured where the bytes are) and then signs, with the worker's Ed25519
+//! key, an [in-toto Statement v1](https://github.com/in-toto/attestation/blob/main/spec/v1/statement.md)
+//! inside a [DSSE envelope](https://github.com/secure-systems-lab/dsse/blob/master/envelope.md) — the
+//! format OpenSSF model signing and SLSA provenance use:
 //!
 //! ```text
-//! u8+n    domain                  u8 length (29) + "vram-residency/attestation/v1"
-//! u16     version                 1
-//! u8      backend                 1 = cuda, 2 = sim
-//! u32+n   seal record             canonical seal-record bytes (docs/seal-record.md)
-//! [32]    seal tag
-//! u16+n   device name             UTF-8
-//! u16+n   driver version          UTF-8 ("sim" for the simulated backend)
-//! u8      residency verdict       1 = device_memory, 2 = simulated, 3 = violation
-//! u16+n   residency detail        UTF-8, empty unless violation
-//! u8+n    nonce                   16..=64 bytes chosen by the caller
-//! u64     attested_at_ns          nanoseconds since the Unix epoch
-//! u8      verification result     1 = verified (the only result an attestation is made for)
-//! [32]    measured digest         fs-verity digest re-measured for this attestation
-//! u64     verified bytes
-//! u64     verification time, ns
+//! envelope  {"payloadType":"application/vnd.in-toto+json","payload":<base64>,
+//!            "signatures":[{"keyid":"ed25519:<hex>","sig":<base64>}]}
+//! signature Ed25519 over PAE(payloadType, payload) = "DSSEv1 <len> <type> <len> <payload bytes>"
+//! payload   {"_type":"https://in-toto.io/Statement/v1",
+//!            "subject":[{"name":<shard id>,"digest":{"fsverity-sha256":<hex>}}],
+//!            "predicateType":"https://example.invalid/vram-residency/residency/v1",
+//!            "predicate":{ backend, seal {record, tag, and the record's fields}, device {uuid, name,
+//!                          driver_version}, residency {verdict[, detail]}, nonce, attested_at_ns,
+//!                          verification {result, digest, vram_bytes, elapsed_ns}, audit_head }}
 //! ```
 //!
-//! The JSON form ([`Attestation::to_json`]) carries every field once, in one textual form, plus the
-//! MAC. [`Attestation::from_json`] is strict: unknown fields, missing fields and any non-canonical
-//! spelling (upper-case hex, say) are refused, so a changed byte of content cannot pass. An
-//! attestation contains no pointer, no token and no key. `docs/attestation.md` has a worked example
-//! that a test recomputes.
+//! `docs/attestation.md` specifies every field, with a worked example that a test recomputes. The
+//! payload is written once by the worker and verified as bytes (the signature covers them exactly);
+//! [`AttestationEnvelope::verify`] then parses it strictly (unknown or missing fields, non-canonical
+//! spellings refused) and refuses a statement that is signed but inconsistent: a subject or a
+//! re-measured digest that is not the sealed one, a byte count that differs, seal-record fields that
+//! are not those of the record's canonical bytes, a residency verdict that does not fit the backend,
+//! another nonce. The seal tag is an HMAC under a key only the worker holds: a verifier cannot recompute
+//! it; the worker checked it (constant time) in the fresh verification the statement reports.
+//!
+//! An attestation contains no pointer, no token and no key. The HMAC attestations of format v1 (which
+//! only a holder of the worker token could check) are no longer made or accepted.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use crate::audit::AuditHead;
 use crate::backend::{BackendKind, Residency};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
-use crate::keys::{AttestationKey, Tag};
-use crate::seal::{SealRecord, put_str};
-use crate::shard::{ShardId, format_uuid};
+use crate::keys::{PublicKey, Tag, WorkerIdentity, dsse_pae};
+use crate::seal::SealRecord;
+use crate::shard::format_uuid;
 
-/// Domain-separation tag at the start of every attestation encoding.
-pub const ATTESTATION_DOMAIN: &[u8] = b"vram-residency/attestation/v1";
-#[expect(clippy::cast_possible_truncation, reason = "a 29-byte constant")]
-const ATTESTATION_DOMAIN_LEN: u8 = ATTESTATION_DOMAIN.len() as u8;
-/// Version of the encoding.
-pub const ATTESTATION_VERSION: u16 = 1;
+/// DSSE `payloadType` of an in-toto Statement.
+pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+/// The in-toto Statement `_type`.
+pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+/// Our predicate type (versioned). The project has no domain of its own yet; the URI uses the
+/// workspace's placeholder repository address and will change with it (as a new version).
+pub const PREDICATE_TYPE: &str = "https://example.invalid/vram-residency/residency/v1";
+/// The in-toto digest-set key of a subject's fs-verity digest (not a plain SHA-256 of the file).
+pub const SUBJECT_DIGEST_KEY: &str = "fsverity-sha256";
 /// Shortest nonce accepted, in bytes.
 pub const MIN_NONCE_LEN: usize = 16;
 /// Longest nonce accepted, in bytes.
 pub const MAX_NONCE_LEN: usize = 64;
-/// The `format` field of the JSON form.
-pub const ATTESTATION_FORMAT: &str = "vram-residency/attestation/v1";
+/// Largest envelope accepted by [`AttestationEnvelope::from_json`].
+pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
 
-/// A signed residency statement. Public data: it travels to whoever asked for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an attestation states. Public data.
+#[derive(Debug, Clone)]
 pub struct Attestation {
     /// The shard's seal record as sealed (its backend is the attestation's backend).
     pub record: SealRecord,
-    /// The shard's seal tag.
+    /// The shard's seal tag (HMAC-SHA256, checkable only by the worker).
     pub seal_tag: Tag,
     /// The device's name.
     pub device_name: String,
@@ -76,8 +81,17 @@ pub struct Attestation {
     pub verified_bytes: u64,
     /// How long the fresh verification took, in ns.
     pub verify_elapsed_ns: u64,
-    /// HMAC-SHA256 of [`encode`](Self::encode) under the attestation key.
-    pub mac: Tag,
+    /// The worker's audit log head after the fresh verification was recorded, when the worker keeps
+    /// a durable log.
+    pub audit_head: Option<AuditHead>,
+}
+
+/// A signed attestation: a DSSE envelope. Public data.
+#[derive(Debug, Clone)]
+pub struct AttestationEnvelope {
+    payload: Vec<u8>,
+    key_id: String,
+    signature: [u8; 64],
 }
 
 /// Checks a nonce's length.
@@ -112,225 +126,356 @@ pub fn parse_nonce_hex(text: &str) -> Result<Vec<u8>> {
 }
 
 impl Attestation {
-    /// The canonical encoding of everything but the MAC (see the module docs).
+    /// The in-toto Statement, serialised: the bytes the envelope carries and signs.
     ///
     /// # Errors
-    /// [`VramError::InvalidInput`] when a field is out of range (nonce length, over-long strings).
-    pub fn encode(&self) -> Result<Vec<u8>> {
+    /// [`VramError::InvalidInput`] for a bad nonce or seal record.
+    pub fn statement_bytes(&self) -> Result<Vec<u8>> {
         validate_nonce(&self.nonce)?;
-        let record = self.record.encode()?;
-        let mut out = Vec::with_capacity(record.len().saturating_add(300));
-        out.push(ATTESTATION_DOMAIN_LEN);
-        out.extend_from_slice(ATTESTATION_DOMAIN);
-        out.extend_from_slice(&ATTESTATION_VERSION.to_be_bytes());
-        out.push(self.record.backend.code());
-        let record_len = u32::try_from(record.len()).map_err(|_| too_long("seal record"))?;
-        out.extend_from_slice(&record_len.to_be_bytes());
-        out.extend_from_slice(&record);
-        out.extend_from_slice(&self.seal_tag.0);
-        put_str(&mut out, &self.device_name, "device name")?;
-        put_str(&mut out, &self.driver_version, "driver version")?;
-        let (verdict, detail) = match &self.residency {
-            Residency::DeviceMemory => (1u8, ""),
-            Residency::Simulated => (2, ""),
-            Residency::Violation(detail) => (3, detail.as_str()),
-        };
-        out.push(verdict);
-        put_str(&mut out, detail, "residency detail")?;
-        let nonce_len = u8::try_from(self.nonce.len()).map_err(|_| too_long("nonce"))?;
-        out.push(nonce_len);
-        out.extend_from_slice(&self.nonce);
-        out.extend_from_slice(&self.attested_at_ns.to_be_bytes());
-        out.push(1); // verification result: verified
-        out.extend_from_slice(self.verified_digest.as_bytes());
-        out.extend_from_slice(&self.verified_bytes.to_be_bytes());
-        out.extend_from_slice(&self.verify_elapsed_ns.to_be_bytes());
-        Ok(out)
+        serde_json::to_vec(&self.to_wire()?).map_err(|e| VramError::InvalidInput {
+            field: "attestation",
+            reason: format!("cannot be serialised: {e}"),
+        })
     }
 
-    /// Computes and sets the MAC.
-    ///
-    /// # Errors
-    /// As [`encode`](Self::encode).
-    pub fn sign(&mut self, key: &AttestationKey) -> Result<()> {
-        self.mac = key.sign(&self.encode()?);
-        Ok(())
+    /// Signs the statement with the worker's identity.
+    pub(crate) fn sign(&self, identity: &WorkerIdentity) -> Result<AttestationEnvelope> {
+        let payload = self.statement_bytes()?;
+        let signature = identity.sign_dsse(PAYLOAD_TYPE, &payload);
+        Ok(AttestationEnvelope {
+            payload,
+            key_id: identity.public_key().key_id(),
+            signature,
+        })
     }
 
-    /// Checks the MAC (constant time) and then that the nonce is the one the caller sent.
-    ///
-    /// # Errors
-    /// [`VramError::AttestationInvalid`]: the MAC does not verify (changed, or another token), or the
-    /// nonce differs (a replay). Never carries the expected MAC.
-    pub fn verify(&self, key: &AttestationKey, expected_nonce: &[u8]) -> Result<()> {
-        let encoded = self.encode().map_err(|e| VramError::AttestationInvalid {
-            reason: format!("it cannot be encoded: {e}"),
-        })?;
-        key.verify(&encoded, &self.mac)
-            .map_err(|_| VramError::AttestationInvalid {
-                reason: "the MAC does not verify: the statement was changed, or it was made under another token"
-                    .to_owned(),
-            })?;
-        if self.nonce != expected_nonce {
-            return Err(VramError::AttestationInvalid {
-                reason: "the nonce is not the one given: a replayed or foreign attestation"
-                    .to_owned(),
-            });
-        }
-        Ok(())
-    }
-
-    /// The JSON form: every field once, then the MAC.
-    #[must_use]
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self.to_wire()).unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Parses the JSON form strictly (see the module docs). Does not verify: call
-    /// [`verify`](Self::verify).
-    ///
-    /// # Errors
-    /// [`VramError::MalformedRecord`] naming the first problem.
-    pub fn from_json(text: &str) -> Result<Self> {
-        let wire: Wire = serde_json::from_str(text).map_err(|e| malformed(&e.to_string()))?;
-        let attestation = Self::from_wire(&wire)?;
-        if attestation.to_wire() != wire {
-            return Err(malformed(
-                "a field is not in canonical form (lower-case hex, canonical UUID, digest prefix)",
-            ));
-        }
-        Ok(attestation)
-    }
-
-    fn to_wire(&self) -> Wire {
+    fn to_wire(&self) -> Result<Statement> {
+        let record = &self.record;
         let (verdict, detail) = match &self.residency {
             Residency::DeviceMemory => ("device_memory", None),
             Residency::Simulated => ("simulated", None),
             Residency::Violation(detail) => ("violation", Some(detail.clone())),
         };
-        Wire {
-            format: ATTESTATION_FORMAT.to_owned(),
-            backend: self.record.backend.name().to_owned(),
-            shard: WireShard {
-                shard_id: self.record.shard_id.as_str().to_owned(),
-                digest: self.record.digest.to_string(),
-                vram_bytes: self.record.vram_bytes,
-                gpu_device: self.record.gpu_device,
-                sealed_at_ns: self.record.sealed_at_ns,
-                model_ref: self.record.model_ref.clone(),
-                shard_index: self.record.shard_index,
-                total_shards: self.record.total_shards,
-                tensor_table_digest: self.record.tensor_table_digest.map(hex::encode),
-                seal_tag: self.seal_tag.to_hex(),
+        Ok(Statement {
+            type_: STATEMENT_TYPE.to_owned(),
+            subject: vec![Subject {
+                name: record.shard_id.as_str().to_owned(),
+                digest: SubjectDigest {
+                    fsverity_sha256: hex::encode(record.digest.as_bytes()),
+                },
+            }],
+            predicate_type: PREDICATE_TYPE.to_owned(),
+            predicate: Predicate {
+                backend: record.backend.name().to_owned(),
+                seal: WireSeal {
+                    record: hex::encode(record.encode()?),
+                    tag: self.seal_tag.to_hex(),
+                    shard_id: record.shard_id.as_str().to_owned(),
+                    model_ref: record.model_ref.clone(),
+                    shard_index: record.shard_index,
+                    total_shards: record.total_shards,
+                    digest: record.digest.to_string(),
+                    vram_bytes: record.vram_bytes,
+                    gpu_device: record.gpu_device,
+                    sealed_at_ns: record.sealed_at_ns,
+                    tensor_table_digest: record
+                        .tensor_table_digest
+                        .map(|d| format!("sha256:{}", hex::encode(d))),
+                },
+                device: WireDevice {
+                    uuid: format_uuid(&record.device_uuid),
+                    name: self.device_name.clone(),
+                    driver_version: self.driver_version.clone(),
+                },
+                residency: WireResidency {
+                    verdict: verdict.to_owned(),
+                    detail,
+                },
+                nonce: hex::encode(&self.nonce),
+                attested_at_ns: self.attested_at_ns,
+                verification: WireVerification {
+                    result: "verified".to_owned(),
+                    digest: self.verified_digest.to_string(),
+                    vram_bytes: self.verified_bytes,
+                    elapsed_ns: self.verify_elapsed_ns,
+                },
+                audit_head: self.audit_head.map(|head| WireHead {
+                    seq: head.seq,
+                    hash: hex::encode(head.hash),
+                }),
             },
-            device: WireDevice {
-                uuid: format_uuid(&self.record.device_uuid),
-                name: self.device_name.clone(),
-                driver_version: self.driver_version.clone(),
-            },
-            residency: WireResidency {
-                verdict: verdict.to_owned(),
-                detail,
-            },
-            nonce: hex::encode(&self.nonce),
-            attested_at_ns: self.attested_at_ns,
-            verification: WireVerification {
-                result: "verified".to_owned(),
-                digest: self.verified_digest.to_string(),
-                vram_bytes: self.verified_bytes,
-                elapsed_ns: self.verify_elapsed_ns,
-            },
-            mac: self.mac.to_hex(),
-        }
+        })
     }
 
-    fn from_wire(wire: &Wire) -> Result<Self> {
-        if wire.format != ATTESTATION_FORMAT {
-            return Err(malformed(
-                "unknown format (expected vram-residency/attestation/v1)",
-            ));
+    fn from_wire(wire: &Statement) -> Result<Self> {
+        if wire.type_ != STATEMENT_TYPE {
+            return Err(malformed("_type is not an in-toto Statement v1"));
         }
-        let backend: BackendKind = wire
-            .backend
-            .parse()
-            .map_err(|_| malformed("unknown backend"))?;
-        if wire.verification.result != "verified" {
+        if wire.predicate_type != PREDICATE_TYPE {
+            return Err(malformed(&format!(
+                "unknown predicateType (expected {PREDICATE_TYPE})"
+            )));
+        }
+        let predicate = &wire.predicate;
+        let record_bytes =
+            hex::decode(&predicate.seal.record).map_err(|_| malformed("seal.record is not hex"))?;
+        let record = SealRecord::decode(&record_bytes)?;
+        if predicate.verification.result != "verified" {
             return Err(malformed("unknown verification result"));
         }
-        let residency = match (wire.residency.verdict.as_str(), &wire.residency.detail) {
+        let residency = match (predicate.residency.verdict.as_str(), &predicate.residency.detail) {
             ("device_memory", None) => Residency::DeviceMemory,
             ("simulated", None) => Residency::Simulated,
             ("violation", Some(detail)) => Residency::Violation(detail.clone()),
             _ => return Err(malformed("unknown residency verdict")),
         };
-        let shard = &wire.shard;
-        let record = SealRecord {
-            shard_id: ShardId::new(&shard.shard_id).map_err(|e| malformed(&e.to_string()))?,
-            digest: shard
-                .digest
-                .parse()
-                .map_err(|e: VramError| malformed(&e.to_string()))?,
-            vram_bytes: shard.vram_bytes,
-            gpu_device: shard.gpu_device,
-            device_uuid: parse_uuid(&wire.device.uuid)?,
-            sealed_at_ns: shard.sealed_at_ns,
-            backend,
-            model_ref: shard.model_ref.clone(),
-            shard_index: shard.shard_index,
-            total_shards: shard.total_shards,
-            tensor_table_digest: shard
-                .tensor_table_digest
-                .as_deref()
-                .map(|h| hex32(h, "tensor_table_digest"))
-                .transpose()?,
-        };
         Ok(Self {
             record,
-            seal_tag: Tag(hex32(&shard.seal_tag, "seal_tag")?),
-            device_name: wire.device.name.clone(),
-            driver_version: wire.device.driver_version.clone(),
+            seal_tag: Tag::from_bytes(hex32(&predicate.seal.tag, "seal.tag")?),
+            device_name: predicate.device.name.clone(),
+            driver_version: predicate.device.driver_version.clone(),
             residency,
-            nonce: hex::decode(&wire.nonce).map_err(|_| malformed("nonce is not hex"))?,
-            attested_at_ns: wire.attested_at_ns,
-            verified_digest: wire
+            nonce: hex::decode(&predicate.nonce).map_err(|_| malformed("nonce is not hex"))?,
+            attested_at_ns: predicate.attested_at_ns,
+            verified_digest: predicate
                 .verification
                 .digest
                 .parse()
                 .map_err(|e: VramError| malformed(&e.to_string()))?,
-            verified_bytes: wire.verification.vram_bytes,
-            verify_elapsed_ns: wire.verification.elapsed_ns,
-            mac: Tag(hex32(&wire.mac, "mac")?),
+            verified_bytes: predicate.verification.vram_bytes,
+            verify_elapsed_ns: predicate.verification.elapsed_ns,
+            audit_head: predicate
+                .audit_head
+                .as_ref()
+                .map(|head| {
+                    Ok::<_, VramError>(AuditHead {
+                        seq: head.seq,
+                        hash: hex32(&head.hash, "audit_head.hash")?,
+                    })
+                })
+                .transpose()?,
         })
     }
+
+    /// The checks a verifier makes on a statement whose signature verified: it must be consistent
+    /// with itself and be for the verifier's nonce.
+    fn check_consistent(&self, expected_nonce: &[u8]) -> Result<()> {
+        let invalid = |reason: &str| VramError::AttestationInvalid {
+            reason: reason.to_owned(),
+        };
+        if self.verified_digest != self.record.digest {
+            return Err(invalid(
+                "the re-measured digest is not the sealed digest: the statement reports a verification that failed",
+            ));
+        }
+        if self.verified_bytes != self.record.vram_bytes {
+            return Err(invalid(
+                "the re-hashed byte count is not the sealed byte count",
+            ));
+        }
+        match (&self.residency, self.record.backend) {
+            (Residency::DeviceMemory, BackendKind::Cuda)
+            | (Residency::Simulated, BackendKind::Sim) => {}
+            (Residency::Violation(_), _) => {
+                return Err(invalid("the worker reports a VRAM-only policy violation"));
+            }
+            _ => {
+                return Err(invalid(
+                    "the residency verdict does not fit the backend (device_memory goes with cuda, simulated with sim)",
+                ));
+            }
+        }
+        if self.nonce != expected_nonce {
+            return Err(invalid(
+                "the nonce is not the one given: a replayed or foreign attestation",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AttestationEnvelope {
+    /// The signed payload (the in-toto Statement's bytes).
+    #[must_use]
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The DSSE pre-authentication encoding the signature is over (what `openssl pkeyutl -verify
+    /// -rawin` checks).
+    #[must_use]
+    pub fn pae(&self) -> Vec<u8> {
+        dsse_pae(PAYLOAD_TYPE, &self.payload)
+    }
+
+    /// The Ed25519 signature.
+    #[must_use]
+    pub const fn signature(&self) -> &[u8; 64] {
+        &self.signature
+    }
+
+    /// The key id the envelope names.
+    #[must_use]
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The envelope as JSON (DSSE).
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "payloadType": PAYLOAD_TYPE,
+            "payload": BASE64.encode(&self.payload),
+            "signatures": [{ "keyid": self.key_id, "sig": BASE64.encode(self.signature) }],
+        })
+    }
+
+    /// Parses a DSSE envelope strictly: this payload type, exactly one signature, standard base64.
+    /// Does not verify: call [`verify`](Self::verify).
+    ///
+    /// # Errors
+    /// [`VramError::MalformedRecord`] naming the first problem.
+    pub fn from_json(text: &str) -> Result<Self> {
+        if text.len() > MAX_ENVELOPE_BYTES {
+            return Err(malformed("larger than 1 MiB"));
+        }
+        let wire: WireEnvelope =
+            serde_json::from_str(text).map_err(|e| malformed(&e.to_string()))?;
+        if wire.payload_type != PAYLOAD_TYPE {
+            return Err(malformed(&format!("payloadType is not {PAYLOAD_TYPE}")));
+        }
+        let [signature] = wire.signatures.as_slice() else {
+            return Err(malformed("exactly one signature is expected"));
+        };
+        let payload = BASE64
+            .decode(&wire.payload)
+            .map_err(|_| malformed("payload is not standard base64"))?;
+        let sig = BASE64
+            .decode(&signature.sig)
+            .map_err(|_| malformed("sig is not standard base64"))?;
+        let signature_bytes: [u8; 64] = sig
+            .try_into()
+            .map_err(|_| malformed("sig is not 64 bytes (Ed25519)"))?;
+        Ok(Self {
+            payload,
+            key_id: signature.keyid.clone(),
+            signature: signature_bytes,
+        })
+    }
+
+    /// Verifies the envelope with the worker's **public key** and the nonce the verifier sent: the
+    /// Ed25519 signature over the DSSE PAE (strict), then the statement, parsed strictly and checked
+    /// for consistency (see the module docs). Returns what it states.
+    ///
+    /// # Errors
+    /// [`VramError::AttestationInvalid`] (signature, consistency, nonce) or
+    /// [`VramError::MalformedRecord`] (a signed payload that is not a statement of ours).
+    pub fn verify(&self, key: &PublicKey, expected_nonce: &[u8]) -> Result<Attestation> {
+        if key.verify_dsse(PAYLOAD_TYPE, &self.payload, &self.signature).is_err() {
+            let reason = if self.key_id == key.key_id() {
+                "the signature does not verify: the statement was changed".to_owned()
+            } else {
+                format!(
+                    "the signature does not verify with key {}: the envelope names key {:?} (another worker, or a forgery)",
+                    key.key_id(),
+                    self.key_id
+                )
+            };
+            return Err(VramError::AttestationInvalid { reason });
+        }
+        if self.key_id != key.key_id() {
+            // DSSE's keyid is an unsigned hint; one that names another key is refused all the same,
+            // so that no byte of an accepted envelope can be changed.
+            return Err(VramError::AttestationInvalid {
+                reason: format!(
+                    "the envelope names key {:?}, not {}",
+                    self.key_id,
+                    key.key_id()
+                ),
+            });
+        }
+        let wire: Statement =
+            serde_json::from_slice(&self.payload).map_err(|e| malformed(&e.to_string()))?;
+        let attestation = Attestation::from_wire(&wire)?;
+        let canonical = attestation.statement_bytes()?;
+        if canonical != self.payload {
+            return Err(malformed(
+                "the statement is not in canonical form (a field disagrees with the seal record's bytes, or a spelling is not canonical)",
+            ));
+        }
+        attestation.check_consistent(expected_nonce)?;
+        Ok(attestation)
+    }
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireEnvelope {
+    #[serde(rename = "payloadType")]
+    payload_type: String,
+    payload: String,
+    signatures: Vec<WireSignature>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSignature {
+    keyid: String,
+    sig: String,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Wire {
-    format: String,
+struct Statement {
+    #[serde(rename = "_type")]
+    type_: String,
+    subject: Vec<Subject>,
+    #[serde(rename = "predicateType")]
+    predicate_type: String,
+    predicate: Predicate,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Subject {
+    name: String,
+    digest: SubjectDigest,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubjectDigest {
+    #[serde(rename = "fsverity-sha256")]
+    fsverity_sha256: String,
+}
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Predicate {
     backend: String,
-    shard: WireShard,
+    seal: WireSeal,
     device: WireDevice,
     residency: WireResidency,
     nonce: String,
     attested_at_ns: u64,
     verification: WireVerification,
-    mac: String,
+    audit_head: Option<WireHead>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireShard {
+struct WireSeal {
+    record: String,
+    tag: String,
     shard_id: String,
+    model_ref: String,
+    shard_index: u32,
+    total_shards: u32,
     digest: String,
     vram_bytes: u64,
     gpu_device: u32,
     sealed_at_ns: u64,
-    model_ref: String,
-    shard_index: u32,
-    total_shards: u32,
     tensor_table_digest: Option<String>,
-    seal_tag: String,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -358,17 +503,17 @@ struct WireVerification {
     elapsed_ns: u64,
 }
 
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireHead {
+    seq: u64,
+    hash: String,
+}
+
 fn malformed(reason: &str) -> VramError {
     VramError::MalformedRecord {
         what: "attestation",
         reason: reason.to_owned(),
-    }
-}
-
-fn too_long(field: &'static str) -> VramError {
-    VramError::InvalidInput {
-        field,
-        reason: "too long for its length prefix".to_owned(),
     }
 }
 
@@ -379,22 +524,16 @@ fn hex32(text: &str, field: &str) -> Result<[u8; 32]> {
     Ok(out)
 }
 
-fn parse_uuid(text: &str) -> Result<[u8; 16]> {
-    let digits: String = text.chars().filter(|&c| c != '-').collect();
-    let mut out = [0u8; 16];
-    hex::decode_to_slice(&digits, &mut out).map_err(|_| malformed("device uuid is not a UUID"))?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::WorkerToken;
+    use crate::shard::ShardId;
 
-    fn keys(token: &[u8]) -> crate::keys::KeySet {
-        WorkerToken::from_bytes(token.to_vec())
-            .unwrap()
-            .derive_keys()
+    const TOKEN: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn token(t: &[u8]) -> WorkerToken {
+        WorkerToken::from_bytes(t.to_vec()).unwrap()
     }
 
     fn sample() -> Attestation {
@@ -411,9 +550,9 @@ mod tests {
             total_shards: 1,
             tensor_table_digest: None,
         };
-        let mut a = Attestation {
+        Attestation {
             record,
-            seal_tag: Tag([3; 32]),
+            seal_tag: Tag::from_bytes([3; 32]),
             device_name: "sim device 0".to_owned(),
             driver_version: "sim".to_owned(),
             residency: Residency::Simulated,
@@ -422,55 +561,104 @@ mod tests {
             verified_digest: Digest::from_bytes([7; 32]),
             verified_bytes: 1 << 20,
             verify_elapsed_ns: 1234,
-            mac: Tag([0; 32]),
+            audit_head: Some(AuditHead {
+                seq: 42,
+                hash: [5; 32],
+            }),
+        }
+    }
+
+    fn signed(a: &Attestation) -> AttestationEnvelope {
+        a.sign(&token(TOKEN).derive_keys().identity).unwrap()
+    }
+
+    #[test]
+    fn an_envelope_verifies_with_the_public_key_alone_and_the_right_nonce_vp_006() {
+        let envelope = signed(&sample());
+        let text = envelope.to_json().to_string();
+        let back = AttestationEnvelope::from_json(&text).unwrap();
+        let public = token(TOKEN).public_key();
+        let stated = back.verify(&public, &[0xab; 16]).unwrap();
+        assert_eq!(stated.record, sample().record);
+        assert_eq!(stated.audit_head, sample().audit_head);
+        assert_eq!(back.key_id(), public.key_id());
+        let err = back.verify(&public, &[0xac; 16]).unwrap_err().to_string();
+        assert!(err.contains("nonce"), "{err}");
+        let other = token(b"0123456789abcdef0123456789abcdeX").public_key();
+        let err = back.verify(&other, &[0xab; 16]).unwrap_err().to_string();
+        assert!(err.contains("another worker"), "{err}");
+    }
+
+    #[test]
+    fn every_changed_byte_of_the_envelope_or_the_statement_fails_vp_006() {
+        let envelope = signed(&sample());
+        let public = token(TOKEN).public_key();
+        let text = envelope.to_json().to_string();
+        let check = |changed: &[u8]| {
+            String::from_utf8(changed.to_vec())
+                .ok()
+                .map(|t| {
+                    AttestationEnvelope::from_json(&t)
+                        .and_then(|e| e.verify(&public, &[0xab; 16]))
+                        .is_err()
+                })
+                .unwrap_or(true)
         };
-        a.sign(&keys(b"0123456789abcdef0123456789abcdef").attestation)
-            .unwrap();
-        a
+        for i in 0..text.len() {
+            let mut changed = text.as_bytes().to_vec();
+            changed[i] = if changed[i] == b'0' { b'A' } else { b'0' };
+            assert!(check(&changed), "envelope byte {i} passed");
+        }
+        // Every byte of the statement itself, re-encoded into an envelope with the old signature.
+        let payload = envelope.payload().to_vec();
+        for i in 0..payload.len() {
+            let mut changed = payload.clone();
+            changed[i] ^= 0x01;
+            let forged = AttestationEnvelope {
+                payload: changed,
+                ..envelope.clone()
+            };
+            assert!(forged.verify(&public, &[0xab; 16]).is_err(), "payload byte {i}");
+        }
     }
 
     #[test]
-    fn json_round_trip_verifies_with_the_right_key_and_nonce_vp_006() {
-        let a = sample();
-        let text = a.to_json().to_string();
-        let back = Attestation::from_json(&text).unwrap();
-        assert_eq!(back, a);
-        let key = keys(b"0123456789abcdef0123456789abcdef").attestation;
-        back.verify(&key, &[0xab; 16]).unwrap();
-        assert!(back.verify(&key, &[0xac; 16]).is_err());
-        let other = keys(b"0123456789abcdef0123456789abcdeX").attestation;
-        assert!(back.verify(&other, &[0xab; 16]).is_err());
-        // The seal key cannot stand in for the attestation key.
-        let seal_signed = keys(b"0123456789abcdef0123456789abcdef")
-            .seal
-            .sign(&a.encode().unwrap());
-        assert_ne!(seal_signed, a.mac);
-    }
+    fn a_signed_but_inconsistent_statement_is_refused() {
+        let public = token(TOKEN).public_key();
+        let refuse = |a: Attestation, expect: &str| {
+            let err = signed(&a).verify(&public, &[0xab; 16]).unwrap_err().to_string();
+            assert!(err.contains(expect), "{expect}: {err}");
+        };
+        let mut a = sample();
+        a.verified_digest = Digest::from_bytes([8; 32]);
+        refuse(a, "not the sealed digest");
+        let mut a = sample();
+        a.verified_bytes -= 1;
+        refuse(a, "byte count");
+        let mut a = sample();
+        a.residency = Residency::DeviceMemory;
+        refuse(a, "does not fit the backend");
+        let mut a = sample();
+        a.residency = Residency::Violation("managed memory".to_owned());
+        refuse(a, "violation");
 
-    #[test]
-    fn every_changed_byte_of_the_json_fails_vp_006() {
-        let a = sample();
-        let key = keys(b"0123456789abcdef0123456789abcdef").attestation;
-        let text = a.to_json().to_string();
-        let bytes = text.as_bytes();
-        for i in 0..bytes.len() {
-            for replacement in [b'0', b'9', b'a', b'A', b'"', b'x'] {
-                if bytes[i] == replacement {
-                    continue;
-                }
-                let mut changed = bytes.to_vec();
-                changed[i] = replacement;
-                let Ok(changed) = String::from_utf8(changed) else {
-                    continue;
-                };
-                let result = Attestation::from_json(&changed)
-                    .and_then(|parsed| parsed.verify(&key, &[0xab; 16]));
-                assert!(
-                    result.is_err(),
-                    "byte {i} -> {:?} passed",
-                    replacement as char
-                );
-            }
+        // A seal field that disagrees with the record's canonical bytes, signed by the worker key.
+        let identity = token(TOKEN).derive_keys().identity;
+        let statement = String::from_utf8(sample().statement_bytes().unwrap()).unwrap();
+        for (from, to) in [
+            ("\"vram_bytes\":1048576,\"gpu", "\"vram_bytes\":1048575,\"gpu"),
+            ("\"name\":\"shard-a\"", "\"name\":\"shard-b\""),
+            ("\"model_ref\":\"llama-3-8b\"", "\"model_ref\":\"llama-3-70b\""),
+        ] {
+            assert!(statement.contains(from), "{from}");
+            let edited = statement.replacen(from, to, 1).into_bytes();
+            let envelope = AttestationEnvelope {
+                signature: identity.sign_dsse(PAYLOAD_TYPE, &edited),
+                payload: edited,
+                key_id: identity.public_key().key_id(),
+            };
+            let err = envelope.verify(&public, &[0xab; 16]).unwrap_err().to_string();
+            assert!(err.contains("canonical form"), "{from}: {err}");
         }
     }
 
@@ -485,12 +673,19 @@ mod tests {
     }
 
     #[test]
-    fn the_encoding_starts_with_its_domain_and_says_its_backend() {
-        let a = sample();
-        let e = a.encode().unwrap();
-        assert_eq!(e[0] as usize, ATTESTATION_DOMAIN.len());
-        assert_eq!(&e[1..30], ATTESTATION_DOMAIN);
-        assert_eq!(e[32], BackendKind::Sim.code());
-        assert_eq!(a.to_json()["backend"], "sim");
+    fn the_statement_is_an_in_toto_v1_statement_about_the_shard_and_says_its_backend() {
+        let statement: serde_json::Value =
+            serde_json::from_slice(&sample().statement_bytes().unwrap()).unwrap();
+        assert_eq!(statement["_type"], STATEMENT_TYPE);
+        assert_eq!(statement["predicateType"], PREDICATE_TYPE);
+        assert_eq!(statement["subject"][0]["name"], "shard-a");
+        assert_eq!(
+            statement["subject"][0]["digest"]["fsverity-sha256"],
+            hex::encode([7u8; 32])
+        );
+        assert_eq!(statement["predicate"]["backend"], "sim");
+        let envelope = signed(&sample()).to_json();
+        assert_eq!(envelope["payloadType"], PAYLOAD_TYPE);
+        assert_eq!(envelope["signatures"].as_array().unwrap().len(), 1);
     }
 }

@@ -131,6 +131,14 @@ pub enum AuditEvent {
         skipped_bytes: u64,
         /// SHA-256 of those bytes, lowercase hex.
         skipped_sha256: String,
+        /// Says in words that bytes were cut, and how many.
+        note: String,
+    },
+    /// A new audit log was created; its first record names the key id of the worker's Ed25519 key
+    /// that signs every record.
+    AuditLogCreated {
+        /// The public key's id (`ed25519:<hex>`).
+        key_id: String,
     },
     /// The worker service started.
     ServiceStarted {
@@ -160,7 +168,8 @@ impl AuditEvent {
             | Self::VramAllocated { .. }
             | Self::VramDeallocated { .. }
             | Self::ServiceStarted { .. }
-            | Self::ServiceStopped { .. } => Severity::Info,
+            | Self::ServiceStopped { .. }
+            | Self::AuditLogCreated { .. } => Severity::Info,
             Self::VramAllocationFailed { .. } | Self::AuditLogRecovered { .. } => Severity::Warning,
             Self::SealVerificationFailed { .. }
             | Self::PolicyViolation { .. }
@@ -181,6 +190,7 @@ impl AuditEvent {
             Self::PolicyViolation { .. } => "policy_violation",
             Self::WorkerStopped { .. } => "worker_stopped",
             Self::AuditLogRecovered { .. } => "audit_log_recovered",
+            Self::AuditLogCreated { .. } => "audit_log_created",
             Self::ServiceStarted { .. } => "service_started",
             Self::ServiceStopped { .. } => "service_stopped",
         }
@@ -208,6 +218,47 @@ pub trait AuditSink: Send + Sync {
     /// # Errors
     /// [`VramError::Audit`](crate::VramError::Audit) when the entry could not be recorded.
     fn record(&self, entry: &AuditEntry) -> Result<()>;
+
+    /// The head of the sink's hash chain (its last durable record), if it keeps one. Attestations
+    /// carry it, so a verifier holding one can later detect a log cut after that record.
+    fn head(&self) -> Option<AuditHead> {
+        None
+    }
+}
+
+/// The head of a hash-chained audit log: the number and hash of its last durable record. Public.
+/// Written `SEQ:HEX` (what `audit verify --expect-head` takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditHead {
+    /// Number of the last record (records are numbered from 1; 0 = no record yet).
+    pub seq: u64,
+    /// Its record hash (see [`crate::audit_log`]); 32 zero bytes when `seq` is 0.
+    pub hash: [u8; 32],
+}
+
+impl std::fmt::Display for AuditHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, hex::encode(self.hash))
+    }
+}
+
+impl std::str::FromStr for AuditHead {
+    type Err = crate::VramError;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || crate::VramError::InvalidInput {
+            field: "audit head",
+            reason: "expected SEQ:HASH, a record number and 64 lowercase hex digits".to_owned(),
+        };
+        let (seq, hash_hex) = text.trim().split_once(':').ok_or_else(bad)?;
+        let seq: u64 = seq.parse().map_err(|_| bad())?;
+        if hash_hex.len() != 64 || hash_hex.bytes().any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(hash_hex, &mut hash).map_err(|_| bad())?;
+        Ok(Self { seq, hash })
+    }
 }
 
 /// A sink that keeps nothing (the `tracing` events are still emitted by the manager).

@@ -86,31 +86,16 @@ impl WorkerToken {
         Ok(Self(bytes))
     }
 
-    /// Reads the token from a file.
+    /// Reads the token from a file. The file must be a regular file that only its owner can read
+    /// (mode 0600 or stricter, as ssh requires of private keys).
     ///
     /// # Errors
-    /// [`VramError::Io`] when the file cannot be read, [`VramError::InvalidToken`] when its content
-    /// is not an acceptable token.
+    /// [`VramError::Io`] when the file cannot be read, [`VramError::InvalidToken`] when it is readable
+    /// by group or others (the message gives the `chmod 600` command) or its content is not an
+    /// acceptable token.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let metadata = std::fs::metadata(path).map_err(|source| VramError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if !metadata.is_file() {
-            return Err(VramError::InvalidToken {
-                reason: format!("{} is not a regular file", path.display()),
-            });
-        }
-        if metadata.len() > MAX_TOKEN_LEN.saturating_add(2) as u64 {
-            return Err(VramError::InvalidToken {
-                reason: format!("{} is larger than {MAX_TOKEN_LEN} bytes", path.display()),
-            });
-        }
-        let bytes = std::fs::read(path).map_err(|source| VramError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_bytes(bytes)
+        let bytes = read_secret_file(path, MAX_TOKEN_LEN.saturating_add(2))?;
+        Self::from_bytes(bytes.to_vec())
     }
 
     /// Reads the token from the environment variable `name` (normally [`TOKEN_ENV`]).
@@ -124,82 +109,294 @@ impl WorkerToken {
         Self::from_bytes(value.as_bytes().to_vec())
     }
 
-    /// What the worker service needs to check a presented bearer token: the SHA-256 of this token.
-    /// The service keeps only this (and the derived keys), never the token itself.
+    /// What the worker service needs to *recognise* this token when a client presents it, so that
+    /// it can refuse it (the worker token is never an HTTP credential) and audit the attempt: the
+    /// SHA-256 of this token. The service keeps only this (and the derived keys), never the token.
     #[must_use]
     pub fn bearer_check(&self) -> BearerCheck {
         BearerCheck(sha256(&self.0))
     }
 
-    /// Derives the per-purpose keys (HKDF-SHA256, RFC 5869).
-    #[must_use]
-    pub fn derive_keys(&self) -> KeySet {
+    /// Derives the worker's keys (HKDF-SHA256, RFC 5869; CI-005): the HMAC seal key and the Ed25519
+    /// identity seed, each under its own `info`.
+    pub(crate) fn derive_keys(&self) -> KeySet {
         let hkdf = hkdf::Hkdf::<Sha256>::new(Some(HKDF_SALT), &self.0);
         let expand = |info: &[u8]| {
-            let mut out = [0u8; 32];
+            let mut out = Zeroizing::new([0u8; 32]);
             // 32 bytes is far below HKDF's limit of 255 * 32, so expand cannot fail; if it ever did,
             // `out` would stay all-zero and every seal would fail to verify rather than pass.
-            let _ = hkdf.expand(info, &mut out);
+            let _ = hkdf.expand(info, &mut out[..]);
             out
         };
+        let seal = expand(b"vram-residency seal key v1");
+        let seed = expand(b"vram-residency ed25519 identity v1");
         KeySet {
-            seal: SealKey(expand(b"vram-residency seal key v1")),
-            audit: AuditKey(expand(b"vram-residency audit key v1")),
-            attestation: AttestationKey(expand(b"vram-residency attestation key v1")),
+            seal: SealKey(*seal),
+            identity: WorkerIdentity::from_seed(&seed),
         }
+    }
+
+    /// The worker's public Ed25519 key (what `vram-residency identity` prints).
+    #[must_use]
+    pub fn public_key(&self) -> PublicKey {
+        self.derive_keys().identity.public_key().clone()
     }
 }
 
-macro_rules! secret_key {
-    ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        ///
-        /// 32 bytes; zeroised on drop; no `Clone`, no `Serialize`; `Debug` prints no key material.
-        #[derive(ZeroizeOnDrop)]
-        pub struct $name([u8; 32]);
+/// Key that signs seal records (HMAC-SHA256). Crate-private: no code outside this crate can make a
+/// seal tag.
+///
+/// 32 bytes; zeroised on drop; no `Clone`, no `Serialize`; `Debug` prints no key material.
+#[derive(ZeroizeOnDrop)]
+pub(crate) struct SealKey([u8; 32]);
 
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(concat!(stringify!($name), " { .. }"))
-            }
-        }
-
-        impl $name {
-            /// HMAC-SHA256 of `message` under this key.
-            #[must_use]
-            pub fn sign(&self, message: &[u8]) -> Tag {
-                Tag(hmac_sha256(&self.0, message))
-            }
-
-            /// Checks `tag` against `message` in constant time (CI-003).
-            ///
-            /// # Errors
-            /// [`TagMismatch`], which carries nothing: never the expected tag.
-            pub fn verify(&self, message: &[u8], tag: &Tag) -> Result<(), TagMismatch> {
-                let mut mac = HmacSha256::new_from_slice(&self.0).map_err(|_| TagMismatch)?;
-                mac.update(message);
-                mac.verify_slice(&tag.0).map_err(|_| TagMismatch)
-            }
-        }
-    };
+impl fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealKey { .. }")
+    }
 }
 
-secret_key!(
-    /// Key that signs seal records.
-    SealKey
-);
-secret_key!(
-    /// Key that chains audit records.
-    AuditKey
-);
-secret_key!(
-    /// Key that signs attestations.
-    AttestationKey
-);
+impl SealKey {
+    /// HMAC-SHA256 of `message` under this key.
+    pub(crate) fn sign(&self, message: &[u8]) -> Tag {
+        Tag(hmac_sha256(&self.0, message))
+    }
 
-/// Checks a presented bearer token against the worker token without keeping the token.
+    /// Checks `tag` against `message` in constant time (CI-003).
+    ///
+    /// # Errors
+    /// [`TagMismatch`], which carries nothing: never the expected tag.
+    pub(crate) fn verify(&self, message: &[u8], tag: &Tag) -> Result<(), TagMismatch> {
+        let mut mac = HmacSha256::new_from_slice(&self.0).map_err(|_| TagMismatch)?;
+        mac.update(message);
+        mac.verify_slice(&tag.0).map_err(|_| TagMismatch)
+    }
+}
+
+/// The worker's Ed25519 signing key, derived from the worker token with HKDF (CI-005). It signs
+/// attestations (as DSSE envelopes) and audit records; anyone with the [`PublicKey`] can check them.
 ///
-/// Holds SHA-256 of the worker token. [`matches`](Self::matches) hashes the presented bytes and
+/// Crate-private, and it offers no "sign these bytes": only [`sign_dsse`](Self::sign_dsse) (a DSSE
+/// envelope's pre-authentication encoding, which starts with `DSSEv1`) and
+/// [`sign_audit_record`](Self::sign_audit_record) (an audit record's canonical bytes, which start with
+/// the audit domain tag). No `Clone`, no `Serialize`, `Debug` prints only the public key id; the
+/// secret scalar is zeroised on drop (ed25519-dalek's `ZeroizeOnDrop`).
+pub(crate) struct WorkerIdentity {
+    signing: ed25519_dalek::SigningKey,
+    public: PublicKey,
+}
+
+impl fmt::Debug for WorkerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WorkerIdentity {{ key_id: {}, .. }}", self.public.key_id())
+    }
+}
+
+impl WorkerIdentity {
+    fn from_seed(seed: &[u8; 32]) -> Self {
+        let signing = ed25519_dalek::SigningKey::from_bytes(seed);
+        let public = PublicKey(signing.verifying_key());
+        Self { signing, public }
+    }
+
+    /// The public half.
+    pub(crate) const fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Signs a DSSE envelope: Ed25519 over `PAE(payload_type, payload)` (DSSE v1).
+    pub(crate) fn sign_dsse(&self, payload_type: &str, payload: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        self.signing
+            .sign(&dsse_pae(payload_type, payload))
+            .to_bytes()
+    }
+
+    /// Signs an audit record's canonical bytes ([`crate::audit_log`]); `record` must start with the
+    /// audit record's domain tag, so it can never be mistaken for a DSSE encoding.
+    pub(crate) fn sign_audit_record(&self, record: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        self.signing.sign(record).to_bytes()
+    }
+}
+
+/// The DSSE v1 pre-authentication encoding: `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`,
+/// lengths as ASCII decimal (<https://github.com/secure-systems-lab/dsse/blob/master/protocol.md>).
+#[must_use]
+pub fn dsse_pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len().saturating_add(payload_type.len()).saturating_add(32));
+    out.extend_from_slice(b"DSSEv1 ");
+    out.extend_from_slice(payload_type.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload_type.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A worker's public Ed25519 key: what a verifier holds. Public data (`Clone`, `Eq`, `Debug`).
+///
+/// Published as PEM (`SubjectPublicKeyInfo`, RFC 8410, what `openssl pkey -pubin` reads) and named
+/// by its [`key_id`](Self::key_id). Verification is strict (`verify_strict`: no small-order keys, no
+/// malleable signatures).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey(ed25519_dalek::VerifyingKey);
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.key_id())
+    }
+}
+
+/// A signature did not verify. Deliberately empty (STYLE.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignatureMismatch;
+
+impl PublicKey {
+    /// The 32 raw key bytes (RFC 8032).
+    #[must_use]
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// From the 32 raw key bytes.
+    ///
+    /// # Errors
+    /// [`VramError::InvalidInput`] when the bytes are not a valid Ed25519 point.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self> {
+        ed25519_dalek::VerifyingKey::from_bytes(bytes)
+            .map(Self)
+            .map_err(|_| VramError::InvalidInput {
+                field: "public key",
+                reason: "not a valid Ed25519 public key".to_owned(),
+            })
+    }
+
+    /// The `SubjectPublicKeyInfo` DER encoding (RFC 8410): 12 fixed bytes, then the key.
+    #[must_use]
+    pub fn to_der(&self) -> Vec<u8> {
+        let mut der = ED25519_SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&self.to_bytes());
+        der
+    }
+
+    /// PEM (`-----BEGIN PUBLIC KEY-----`), as `openssl pkey -pubout` writes it.
+    #[must_use]
+    pub fn to_pem(&self) -> String {
+        use ed25519_dalek::pkcs8::EncodePublicKey as _;
+        use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+        self.0
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap_or_default()
+    }
+
+    /// Reads a PEM public key (`-----BEGIN PUBLIC KEY-----`, Ed25519).
+    ///
+    /// # Errors
+    /// [`VramError::InvalidInput`] when the text is not a PEM Ed25519 public key.
+    pub fn from_pem(text: &str) -> Result<Self> {
+        use ed25519_dalek::pkcs8::DecodePublicKey as _;
+        ed25519_dalek::VerifyingKey::from_public_key_pem(text.trim())
+            .map(Self)
+            .map_err(|e| VramError::InvalidInput {
+                field: "public key",
+                reason: format!("not a PEM Ed25519 public key (-----BEGIN PUBLIC KEY-----): {e}"),
+            })
+    }
+
+    /// Short fingerprint used as the DSSE `keyid` and in audit records:
+    /// `ed25519:` + the first 16 bytes of SHA-256 of the key's DER encoding, lowercase hex.
+    #[must_use]
+    pub fn key_id(&self) -> String {
+        let hash = sha256(&self.to_der());
+        format!("ed25519:{}", hex::encode(hash.get(..16).unwrap_or_default()))
+    }
+
+    /// Checks an Ed25519 signature over a DSSE pre-authentication encoding (strict verification).
+    ///
+    /// # Errors
+    /// [`SignatureMismatch`], which carries nothing.
+    pub fn verify_dsse(
+        &self,
+        payload_type: &str,
+        payload: &[u8],
+        signature: &[u8; 64],
+    ) -> Result<(), SignatureMismatch> {
+        self.verify_raw(&dsse_pae(payload_type, payload), signature)
+    }
+
+    /// Checks an Ed25519 signature over an audit record's canonical bytes (strict verification).
+    ///
+    /// # Errors
+    /// [`SignatureMismatch`], which carries nothing.
+    pub(crate) fn verify_audit_record(
+        &self,
+        record: &[u8],
+        signature: &[u8; 64],
+    ) -> Result<(), SignatureMismatch> {
+        self.verify_raw(record, signature)
+    }
+
+    fn verify_raw(&self, message: &[u8], signature: &[u8; 64]) -> Result<(), SignatureMismatch> {
+        let signature = ed25519_dalek::Signature::from_bytes(signature);
+        self.0
+            .verify_strict(message, &signature)
+            .map_err(|_| SignatureMismatch)
+    }
+}
+
+/// The fixed DER prefix of an Ed25519 `SubjectPublicKeyInfo` (RFC 8410 §4): SEQUENCE, AlgorithmIdentifier
+/// (OID 1.3.101.112), BIT STRING of 33 bytes (a zero "unused bits" byte, then the key).
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Reads a file that holds a secret (the worker token, API tokens): a regular file of at most
+/// `max_len` bytes that neither group nor others can read or write (checked before reading).
+///
+/// # Errors
+/// [`VramError::Io`] when it cannot be read; [`VramError::InvalidToken`] when it is not a regular
+/// file, is too large, or is accessible to group or others (the message gives the fix:
+/// `chmod 600 PATH`). The message never contains the file's content.
+pub fn read_secret_file(path: &Path, max_len: usize) -> Result<Zeroizing<Vec<u8>>> {
+    let io = |source| VramError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let metadata = std::fs::metadata(path).map_err(io)?;
+    if !metadata.is_file() {
+        return Err(VramError::InvalidToken {
+            reason: format!("{} is not a regular file", path.display()),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(VramError::InvalidToken {
+                reason: format!(
+                    "{} is accessible to group or others (mode {mode:04o}); a secret file must be \
+                     readable by its owner only: run `chmod 600 {}`",
+                    path.display(),
+                    path.display()
+                ),
+            });
+        }
+    }
+    if metadata.len() > max_len as u64 {
+        return Err(VramError::InvalidToken {
+            reason: format!("{} is larger than {max_len} bytes", path.display()),
+        });
+    }
+    std::fs::read(path).map(Zeroizing::new).map_err(io)
+}
+
+/// Checks a presented bearer token against a secret without keeping the secret.
+///
+/// Holds SHA-256 of the secret. [`matches`](Self::matches) hashes the presented bytes and
 /// compares the two 32-byte hashes in constant time (`subtle`), so neither the length nor the content
 /// of the presented token steers the time the comparison takes. Zeroised on drop; `Debug` prints no
 /// byte of the hash.
@@ -213,7 +410,13 @@ impl fmt::Debug for BearerCheck {
 }
 
 impl BearerCheck {
-    /// True when `presented` is the worker token (constant-time comparison of SHA-256 hashes).
+    /// Keeps SHA-256 of `secret` (an API token) to check presented tokens against.
+    #[must_use]
+    pub fn from_secret(secret: &[u8]) -> Self {
+        Self(sha256(secret))
+    }
+
+    /// True when `presented` is the secret (constant-time comparison of SHA-256 hashes).
     #[must_use]
     pub fn matches(&self, presented: &[u8]) -> bool {
         let mut hash = sha256(presented);
@@ -228,27 +431,37 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// The three purpose keys of a worker.
+/// A worker's keys: the HMAC seal key and the Ed25519 identity. Crate-private.
 #[derive(Debug)]
-pub struct KeySet {
-    /// Seals.
-    pub seal: SealKey,
-    /// Audit chain.
-    pub audit: AuditKey,
-    /// Attestations.
-    pub attestation: AttestationKey,
+pub(crate) struct KeySet {
+    /// Seals (HMAC-SHA256).
+    pub(crate) seal: SealKey,
+    /// Attestations and audit records (Ed25519).
+    pub(crate) identity: WorkerIdentity,
 }
 
-/// A public HMAC-SHA256 tag (the output of [`SealKey::sign`] and friends). Not secret: it travels
-/// with the record it authenticates.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Tag(pub [u8; 32]);
+/// A seal tag: HMAC-SHA256 over a seal record. Public (it travels with the record it authenticates)
+/// but opaque: no public field, no `==` (a tag is only ever checked in constant time, by the worker
+/// that holds the seal key), no way to build one from bytes outside this crate.
+#[derive(Clone, Copy)]
+pub struct Tag([u8; 32]);
 
 impl Tag {
     /// Lowercase hex.
     #[must_use]
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+
+    /// From its bytes (decoders of this crate only).
+    pub(crate) const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Its bytes.
+    #[must_use]
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 }
 
@@ -302,11 +515,14 @@ mod tests {
         assert_eq!(format!("{t:?}"), "WorkerToken { .. }");
         let keys = t.derive_keys();
         assert_eq!(format!("{:?}", keys.seal), "SealKey { .. }");
-        assert_eq!(format!("{:?}", keys.audit), "AuditKey { .. }");
-        assert_eq!(format!("{:?}", keys.attestation), "AttestationKey { .. }");
+        let id = keys.identity.public_key().key_id();
+        assert_eq!(
+            format!("{:?}", keys.identity),
+            format!("WorkerIdentity {{ key_id: {id}, .. }}")
+        );
         assert_eq!(
             format!("{keys:?}"),
-            "KeySet { seal: SealKey { .. }, audit: AuditKey { .. }, attestation: AttestationKey { .. } }"
+            format!("KeySet {{ seal: SealKey {{ .. }}, identity: WorkerIdentity {{ key_id: {id}, .. }} }}")
         );
     }
 
@@ -318,29 +534,62 @@ mod tests {
         assert!(!check.matches(b"0123456789abcdef0123456789abcdeX"));
         assert!(!check.matches(b"0123456789abcdef0123456789abcdef\n"));
         assert!(!check.matches(b""));
-    }
-
-    #[test]
-    fn purpose_keys_differ_so_one_cannot_forge_for_another() {
-        let keys = token().derive_keys();
-        let m = b"message";
-        let seal = keys.seal.sign(m);
-        assert_ne!(seal, keys.audit.sign(m));
-        assert_ne!(seal, keys.attestation.sign(m));
-        assert!(keys.audit.verify(m, &seal).is_err());
+        let api = BearerCheck::from_secret(b"another-secret-0123456789abcdef012");
+        assert!(api.matches(b"another-secret-0123456789abcdef012"));
+        assert!(!api.matches(b"0123456789abcdef0123456789abcdef"));
     }
 
     #[test]
     fn same_token_gives_same_keys_different_token_different_keys_ci_005() {
         let a = token().derive_keys().seal.sign(b"m");
         let b = token().derive_keys().seal.sign(b"m");
+        let other_token =
+            WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdeX".to_vec()).unwrap();
+        let other = other_token.derive_keys().seal.sign(b"m");
+        assert_eq!(a.to_hex(), b.to_hex());
+        assert_ne!(a.to_hex(), other.to_hex());
+        assert_eq!(token().public_key(), token().public_key());
+        assert_ne!(token().public_key(), other_token.public_key());
+    }
+
+    #[test]
+    fn the_ed25519_identity_signs_dsse_and_only_its_public_key_verifies() {
+        let keys = token().derive_keys();
+        let public = keys.identity.public_key().clone();
+        let sig = keys.identity.sign_dsse("application/vnd.in-toto+json", b"{}");
+        assert!(public.verify_dsse("application/vnd.in-toto+json", b"{}", &sig).is_ok());
+        assert!(public.verify_dsse("application/vnd.in-toto+json", b"{ }", &sig).is_err());
+        assert!(public.verify_dsse("text/plain", b"{}", &sig).is_err());
         let other = WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdeX".to_vec())
             .unwrap()
-            .derive_keys()
-            .seal
-            .sign(b"m");
-        assert_eq!(a, b);
-        assert_ne!(a, other);
+            .public_key();
+        assert!(other.verify_dsse("application/vnd.in-toto+json", b"{}", &sig).is_err());
+        // An audit-record signature over the same bytes is not a DSSE signature (different input).
+        let audit_sig = keys.identity.sign_audit_record(b"{}");
+        assert!(public.verify_dsse("application/vnd.in-toto+json", b"{}", &audit_sig).is_err());
+    }
+
+    #[test]
+    fn dsse_pae_matches_the_spec_example() {
+        // The DSSE protocol document's example: PAE("http://example.com/HelloWorld", "hello world").
+        assert_eq!(
+            dsse_pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world".to_vec()
+        );
+    }
+
+    #[test]
+    fn the_public_key_round_trips_through_pem_and_der_is_rfc_8410() {
+        let public = token().public_key();
+        let pem = public.to_pem();
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem}");
+        assert_eq!(PublicKey::from_pem(&pem).unwrap(), public);
+        let der = public.to_der();
+        assert_eq!(der.len(), 44);
+        assert_eq!(&der[12..], &public.to_bytes());
+        assert!(PublicKey::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----").is_err());
+        let id = public.key_id();
+        assert!(id.starts_with("ed25519:") && id.len() == 8 + 32, "{id}");
     }
 
     #[test]
@@ -359,11 +608,30 @@ mod tests {
     }
 
     #[test]
+    fn a_token_file_readable_by_group_or_others_is_refused_with_the_chmod_command_ci_006() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, b"0123456789abcdef0123456789abcdef\n").unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = WorkerToken::from_file(&path).unwrap_err().to_string();
+            assert!(err.contains(&format!("chmod 600 {}", path.display())), "{err}");
+            assert!(!err.contains("0123456789abcdef"), "{err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            WorkerToken::from_file(&path).unwrap().public_key(),
+            token().public_key()
+        );
+    }
+
+    #[test]
     fn one_trailing_newline_is_stripped() {
         let a = WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdef\n".to_vec()).unwrap();
         assert_eq!(
-            a.derive_keys().seal.sign(b"m"),
-            token().derive_keys().seal.sign(b"m")
+            a.derive_keys().seal.sign(b"m").to_hex(),
+            token().derive_keys().seal.sign(b"m").to_hex()
         );
     }
 

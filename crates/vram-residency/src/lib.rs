@@ -47,6 +47,7 @@ pub mod audit_log;
 pub mod backend;
 pub mod capacity;
 pub mod digest;
+pub mod encoding;
 pub mod error;
 pub mod format;
 pub mod keys;
@@ -56,15 +57,17 @@ pub mod seal;
 pub mod shard;
 pub mod sim;
 
-pub use attestation::Attestation;
-pub use audit::{AuditEntry, AuditEvent, AuditSink, MemoryAuditSink, NoAuditSink, Severity};
+pub use attestation::{Attestation, AttestationEnvelope};
+pub use audit::{
+    AuditEntry, AuditEvent, AuditHead, AuditSink, MemoryAuditSink, NoAuditSink, Severity,
+};
 pub use audit_log::AuditLog;
 pub use backend::{
     Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency, Weights,
 };
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
-pub use keys::{BearerCheck, WorkerToken};
+pub use keys::{BearerCheck, PublicKey, WorkerToken};
 pub use manager::{ManagerConfig, SealOptions, VerifyReport, VramManager, WorkerState};
 pub use models_dir::ModelsDir;
 pub use seal::SealRecord;

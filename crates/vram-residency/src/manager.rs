@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::attestation::{Attestation, validate_nonce};
+use crate::attestation::{Attestation, AttestationEnvelope, validate_nonce};
 use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
 use crate::backend::{
     Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency, Weights,
@@ -24,7 +24,7 @@ use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
 use crate::format::{TensorTable, read_tensor_table, read_tensor_table_from_bytes};
-use crate::keys::{KeySet, WorkerToken};
+use crate::keys::{KeySet, PublicKey, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
 use crate::shard::{SealedShard, ShardId, from_unix_nanos, unix_nanos};
 
@@ -261,10 +261,16 @@ impl VramManager {
         &self.config
     }
 
-    /// The derived keys (for the audit log and attestations of the embedding service).
+    /// The worker's public Ed25519 key: what verifiers of its attestations and audit log hold.
     #[must_use]
-    pub const fn keys(&self) -> &KeySet {
-        &self.keys
+    pub const fn public_key(&self) -> &PublicKey {
+        self.keys.identity.public_key()
+    }
+
+    /// The head of the audit sink's hash chain (its last durable record), when the sink keeps one.
+    #[must_use]
+    pub fn audit_head(&self) -> Option<crate::audit::AuditHead> {
+        self.sink.head()
     }
 
     /// Current worker state.
@@ -614,18 +620,19 @@ impl VramManager {
     /// Attests, for the caller's `nonce` (16 to 64 bytes), that the shard is resident and intact now
     /// (VP-006): a **fresh** [`verify_sealed`](Self::verify_sealed), then a statement binding the seal
     /// record and tag, the device, the driver version, the backend, the residency verdict, the nonce,
-    /// the time and the verification's result, signed with the attestation key. See
+    /// the time, the verification's result and the audit log head, signed with the worker's Ed25519
+    /// key as a DSSE envelope around an in-toto Statement. See
     /// [`attestation`](crate::attestation).
     ///
     /// # Errors
     /// [`VramError::WorkerStopped`]; [`VramError::InvalidInput`] for a bad nonce; any error of
     /// [`verify_sealed`](Self::verify_sealed) (no attestation is made for a shard that fails).
-    pub fn attest(&self, shard: &SealedShard, nonce: &[u8]) -> Result<Attestation> {
+    pub fn attest(&self, shard: &SealedShard, nonce: &[u8]) -> Result<AttestationEnvelope> {
         self.ensure_running()?;
         validate_nonce(nonce)?;
         let report = self.verify_sealed(shard)?;
         let device = self.device(shard.gpu_device)?;
-        let mut attestation = Attestation {
+        let attestation = Attestation {
             record: shard.record(),
             seal_tag: shard.tag,
             device_name: device.name.clone(),
@@ -636,10 +643,9 @@ impl VramManager {
             verified_digest: report.digest,
             verified_bytes: report.vram_bytes,
             verify_elapsed_ns: u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX),
-            mac: crate::keys::Tag([0; 32]),
+            audit_head: self.sink.head(),
         };
-        attestation.sign(&self.keys.attestation)?;
-        Ok(attestation)
+        attestation.sign(&self.keys.identity)
     }
 
     /// Frees a shard after checking that it is this manager's and that its seal is intact

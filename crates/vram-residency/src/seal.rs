@@ -1,21 +1,22 @@
 //! The seal record: what a seal covers, its canonical encoding, and its HMAC (CI-001, CI-002).
 //!
-//! The encoding is written by hand, field by field, fixed-width or length-prefixed, big-endian — never
-//! re-serialised JSON — so that the bytes under the HMAC have exactly one form. It starts with a domain
-//! tag and a version so that a tag made for one kind of record can never pass as another.
-//! `docs/seal-record.md` specifies it, with a worked example that a test recomputes.
+//! The encoding is the crate's one canonical encoding ([`crate::encoding`]: fixed-width big-endian
+//! integers, `u32`-length-prefixed strings, a domain tag and a version first) — never re-serialised
+//! JSON — so that the bytes under the HMAC have exactly one form and a tag made for one kind of record
+//! can never pass as another. `docs/seal-record.md` specifies it, with a worked example that a test
+//! recomputes.
 //!
 //! ```text
-//! u8      domain length (29)       "vram-residency/seal-record/v1"
-//! u16     version                  1
+//! u32+n   domain                   "vram-residency/seal-record/v2"
+//! u16     version                  2
 //! u8      backend                  1 = cuda, 2 = sim
-//! u16+n   shard_id                 1..=256 bytes of [A-Za-z0-9_-]
+//! u32+n   shard_id                 1..=256 bytes of [A-Za-z0-9_-]
 //! [32]    digest                   fs-verity SHA-256 file digest of the shard bytes
 //! u64     vram_bytes
 //! u32     gpu_device               device index
 //! [16]    device_uuid
 //! u64     sealed_at_ns             nanoseconds since the Unix epoch
-//! u16+n   model_ref                0..=1024 bytes of UTF-8, no NUL
+//! u32+n   model_ref                0..=1024 bytes of UTF-8, no control character
 //! u32     shard_index
 //! u32     total_shards
 //! u8      tensor table present     0 or 1
@@ -24,16 +25,15 @@
 
 use crate::backend::BackendKind;
 use crate::digest::Digest;
+use crate::encoding::{Decoder, Encoder};
 use crate::error::{Result, VramError};
 use crate::keys::{SealKey, Tag};
 use crate::shard::ShardId;
 
 /// Domain-separation tag at the start of every seal record.
-pub const SEAL_DOMAIN: &[u8] = b"vram-residency/seal-record/v1";
-#[expect(clippy::cast_possible_truncation, reason = "a 29-byte constant")]
-const SEAL_DOMAIN_LEN: u8 = SEAL_DOMAIN.len() as u8;
+pub const SEAL_DOMAIN: &str = "vram-residency/seal-record/v2";
 /// Version of the encoding below.
-pub const SEAL_VERSION: u16 = 1;
+pub const SEAL_VERSION: u16 = 2;
 /// Longest `model_ref` accepted, in bytes.
 pub const MAX_MODEL_REF_LEN: usize = 1024;
 
@@ -107,32 +107,22 @@ impl SealRecord {
     /// # Errors
     /// [`VramError::InvalidInput`] when `model_ref` is longer than [`MAX_MODEL_REF_LEN`].
     pub fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(256);
-        out.push(SEAL_DOMAIN_LEN);
-        out.extend_from_slice(SEAL_DOMAIN);
-        out.extend_from_slice(&SEAL_VERSION.to_be_bytes());
-        out.push(self.backend.code());
-        put_str(&mut out, self.shard_id.as_str(), "shard_id")?;
-        out.extend_from_slice(self.digest.as_bytes());
-        out.extend_from_slice(&self.vram_bytes.to_be_bytes());
-        out.extend_from_slice(&self.gpu_device.to_be_bytes());
-        out.extend_from_slice(&self.device_uuid);
-        out.extend_from_slice(&self.sealed_at_ns.to_be_bytes());
         validate_model_ref(&self.model_ref)?;
-        put_str(&mut out, &self.model_ref, "model_ref")?;
-        out.extend_from_slice(&self.shard_index.to_be_bytes());
-        out.extend_from_slice(&self.total_shards.to_be_bytes());
+        let mut e = Encoder::new(SEAL_DOMAIN, SEAL_VERSION);
+        e.u8(self.backend.code());
+        e.str(self.shard_id.as_str(), "shard_id")?;
+        e.fixed(self.digest.as_bytes())
+            .u64(self.vram_bytes)
+            .u32(self.gpu_device)
+            .fixed(&self.device_uuid)
+            .u64(self.sealed_at_ns);
+        e.str(&self.model_ref, "model_ref")?;
+        e.u32(self.shard_index).u32(self.total_shards);
         match &self.tensor_table_digest {
-            Some(table) => {
-                out.push(1);
-                out.extend_from_slice(table);
-            }
-            None => {
-                out.push(0);
-                out.extend_from_slice(&[0u8; 32]);
-            }
-        }
-        Ok(out)
+            Some(table) => e.u8(1).fixed(table),
+            None => e.u8(0).fixed(&[0u8; 32]),
+        };
+        Ok(e.finish())
     }
 
     /// Strictly decodes a canonical encoding: exact length, known version and backend, valid shard
@@ -141,27 +131,16 @@ impl SealRecord {
     /// # Errors
     /// [`VramError::MalformedRecord`] naming the first problem.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader { bytes, at: 0 };
-        let domain_len = r.u8()?;
-        if usize::from(domain_len) != SEAL_DOMAIN.len() || r.take(SEAL_DOMAIN.len())? != SEAL_DOMAIN
-        {
-            return Err(malformed(
-                "wrong domain tag: not a vram-residency seal record",
-            ));
-        }
-        let version = r.u16()?;
-        if version != SEAL_VERSION {
-            return Err(malformed(&format!("unsupported version {version}")));
-        }
+        let mut r = Decoder::new(bytes, "seal record", SEAL_DOMAIN, SEAL_VERSION)?;
         let backend =
             BackendKind::from_code(r.u8()?).ok_or_else(|| malformed("unknown backend code"))?;
-        let shard_id = ShardId::new(&r.string()?).map_err(|e| malformed(&e.to_string()))?;
+        let shard_id = ShardId::new(r.str()?).map_err(|e| malformed(&e.to_string()))?;
         let digest = Digest::from_bytes(r.array()?);
         let vram_bytes = r.u64()?;
         let gpu_device = r.u32()?;
         let device_uuid = r.array()?;
         let sealed_at_ns = r.u64()?;
-        let model_ref = r.string()?;
+        let model_ref = r.str()?.to_owned();
         validate_model_ref(&model_ref).map_err(|e| malformed(&e.to_string()))?;
         let shard_index = r.u32()?;
         let total_shards = r.u32()?;
@@ -172,9 +151,7 @@ impl SealRecord {
             1 => Some(table),
             _ => return Err(malformed("bad tensor-table flag or non-zero absent digest")),
         };
-        if r.at != bytes.len() {
-            return Err(malformed("trailing bytes after the record"));
-        }
+        r.finish()?;
         Ok(Self {
             shard_id,
             digest,
@@ -194,7 +171,7 @@ impl SealRecord {
     ///
     /// # Errors
     /// As [`encode`](Self::encode).
-    pub fn sign(&self, key: &SealKey) -> Result<Tag> {
+    pub(crate) fn sign(&self, key: &SealKey) -> Result<Tag> {
         Ok(key.sign(&self.encode()?))
     }
 
@@ -203,7 +180,7 @@ impl SealRecord {
     ///
     /// # Errors
     /// [`VramError::SealForgery`].
-    pub fn verify(&self, key: &SealKey, tag: &Tag) -> Result<()> {
+    pub(crate) fn verify(&self, key: &SealKey, tag: &Tag) -> Result<()> {
         let forgery = || VramError::SealForgery {
             shard_id: self.shard_id.clone(),
         };
@@ -216,60 +193,6 @@ fn malformed(reason: &str) -> VramError {
     VramError::MalformedRecord {
         what: "seal record",
         reason: reason.to_owned(),
-    }
-}
-
-/// Appends a `u16` length and the bytes of `value` (the string encoding of every canonical record).
-pub(crate) fn put_str(out: &mut Vec<u8>, value: &str, field: &'static str) -> Result<()> {
-    let len = u16::try_from(value.len()).map_err(|_| VramError::InvalidInput {
-        field,
-        reason: "longer than 65535 bytes".to_owned(),
-    })?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(value.as_bytes());
-    Ok(())
-}
-
-/// Bounds-checked big-endian reader over a byte slice.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self
-            .at
-            .checked_add(n)
-            .ok_or_else(|| malformed("length overflow"))?;
-        let slice = self
-            .bytes
-            .get(self.at..end)
-            .ok_or_else(|| malformed("truncated"))?;
-        self.at = end;
-        Ok(slice)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(u8::from_be_bytes(self.array()?))
-    }
-    fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
-    fn string(&mut self) -> Result<String> {
-        let len = usize::from(self.u16()?);
-        let raw = self.take(len)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| malformed("string is not UTF-8"))
     }
 }
 
@@ -312,7 +235,7 @@ mod tests {
         long.push(0);
         assert!(SealRecord::decode(&long).is_err());
         let mut bad_backend = bytes.clone();
-        bad_backend[1 + SEAL_DOMAIN.len() + 2] = 9;
+        bad_backend[4 + SEAL_DOMAIN.len() + 2] = 9;
         assert!(SealRecord::decode(&bad_backend).is_err());
     }
 

@@ -228,10 +228,16 @@ impl SealedShard {
         view
     }
 
-    /// Test hook: the tag, to be replaced by a forged one. Only for proving that forgery is detected.
-    #[doc(hidden)]
-    pub fn tag_mut_for_tests(&mut self) -> &mut Tag {
-        &mut self.tag
+    /// Test hook: flips bit `bit % 256` of the seal tag, to prove that forgery is detected. Only with
+    /// the `test-hooks` feature, which only test builds enable (the CLI's dev-dependency).
+    #[cfg(feature = "test-hooks")]
+    pub fn flip_tag_bit_for_tests(&mut self, bit: usize) {
+        let mut bytes = *self.tag.as_bytes();
+        let bit = bit % 256;
+        if let Some(byte) = bytes.get_mut(bit / 8) {
+            *byte ^= 1 << (bit % 8);
+        }
+        self.tag = Tag::from_bytes(bytes);
     }
 }
 

@@ -51,6 +51,7 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
     Router::new()
         .merge(authenticated)
         .route("/healthz", get(healthz))
+        .route("/v1/identity", get(identity))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body))
@@ -306,6 +307,23 @@ async fn worker(State(app): State<Arc<AppState>>) -> Json<Value> {
         "shards": shards.len(),
         "max_model_bytes": manager.config().max_model_bytes,
         "sweep_interval_s": app.sweep_interval.as_secs_f64(),
+        "key_id": manager.public_key().key_id(),
+        "audit_head": manager.audit_head().map(|head| json!({
+            "seq": head.seq,
+            "hash": hex::encode(head.hash),
+            "head": head.to_string(),
+        })),
+    }))
+}
+
+/// `GET /v1/identity` (no token: the key is public): the worker's Ed25519 public key, which verifies
+/// its attestations and its audit log.
+async fn identity(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let public = app.manager.public_key();
+    Json(json!({
+        "key_id": public.key_id(),
+        "algorithm": "ed25519",
+        "public_key_pem": public.to_pem(),
     }))
 }
 

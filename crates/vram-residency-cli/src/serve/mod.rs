@@ -86,7 +86,6 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let token = load_token(args.token_file.as_deref())?;
     let bearer = token.bearer_check();
-    let audit_key = token.derive_keys().audit;
     let models = ModelsDir::new(&args.models_dir)
         .with_context(|| format!("models directory {}", args.models_dir.display()))?;
     let backend = backends::open(
@@ -95,12 +94,13 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         args.backend.cuda(),
     )?;
     let kind = backend.kind();
-    let (audit_log, report) = AuditLog::open(&args.audit_log, audit_key, kind)?;
+    let (audit_log, report) = AuditLog::open(&args.audit_log, &token, kind)?;
     if let Some(torn) = &report.torn_tail {
         eprintln!(
-            "warning: the audit log ended in a torn line (line {}, {} bytes, left by a crash); it is \
-             declared by a recovery record and the chain continues after record {}",
-            torn.line, torn.bytes, report.last_seq
+            "warning: the audit log ended in a torn line: {} byte(s) after record {} were cut (a \
+             crash mid-write, or a deliberate cut inside a record); they are declared by a recovery \
+             record and the chain continues",
+            torn.bytes, report.head.seq
         );
     }
     let audit_log = Arc::new(audit_log);

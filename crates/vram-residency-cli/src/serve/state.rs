@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vram_residency::{
-    Attestation, BearerCheck, ModelsDir, SealOptions, SealView, SealedShard, ShardId, VerifyReport,
+    AttestationEnvelope, BearerCheck, ModelsDir, SealOptions, SealView, SealedShard, ShardId, VerifyReport,
     VramError, VramManager, WorkerState,
 };
 
@@ -163,7 +163,7 @@ impl AppState {
         &self,
         entry: &ShardEntry,
         nonce: &[u8],
-    ) -> Option<Result<Attestation, VramError>> {
+    ) -> Option<Result<AttestationEnvelope, VramError>> {
         let started = Instant::now();
         let result = entry.with_shard(|shard| self.manager.attest(shard, nonce))?;
         let label = result_label(&result);

@@ -121,7 +121,7 @@ fn forgery_error_never_contains_the_expected_tag_ci_003() {
     let w = small_worker();
     let mut shard = w.manager.seal_model(&random_bytes(100, 5), 0).unwrap();
     let genuine = shard.seal_tag().to_hex();
-    shard.tag_mut_for_tests().0[0] ^= 1;
+    shard.flip_tag_bit_for_tests(0);
     let err = w.manager.verify_sealed(&shard).unwrap_err();
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains(&genuine), "{shown}");

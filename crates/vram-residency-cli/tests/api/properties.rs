@@ -84,7 +84,7 @@ proptest! {
             5 => shard.model_ref.push(char::from(b'a' + (pick % 26) as u8)),
             6 => shard.shard_index ^= 1 << (pick % 32),
             7 => shard.total_shards ^= 1 << (pick % 32),
-            _ => shard.tag_mut_for_tests().0[(pick % 32) as usize] ^= 1 << (pick % 8),
+            _ => shard.flip_tag_bit_for_tests((pick % 256) as usize),
         }
         let forged = matches!(w.manager.verify_sealed(&shard), Err(VramError::SealForgery { .. }));
         prop_assert!(forged, "field {} edit was not reported as forgery", field);
