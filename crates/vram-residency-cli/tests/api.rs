@@ -24,12 +24,8 @@ mod gpu;
 mod manager;
 #[path = "api/properties.rs"]
 mod properties;
-#[path = "api/seal_format.rs"]
-mod seal_format;
 #[path = "api/serve.rs"]
 mod serve;
-#[path = "api/service_formats.rs"]
-mod service_formats;
 #[path = "api/support.rs"]
 mod support;
 #[path = "api/vectors.rs"]

@@ -123,6 +123,17 @@ fn encode_line(
     Ok((line, record_hash(&input)))
 }
 
+/// [`encode_line`] for the documentation's worked example (tests only).
+#[cfg(test)]
+pub(crate) fn encode_line_for_docs(
+    identity: &WorkerIdentity,
+    seq: u64,
+    prev: &[u8; 32],
+    entry_json: &[u8],
+) -> (Vec<u8>, [u8; 32]) {
+    encode_line(identity, seq, prev, entry_json).unwrap_or_default()
+}
+
 /// A record line split into its parts (not yet authenticated).
 #[derive(Debug)]
 struct ParsedLine<'a> {

@@ -47,6 +47,8 @@ pub mod audit_log;
 pub mod backend;
 pub mod capacity;
 pub mod digest;
+#[cfg(test)]
+mod doc_examples;
 pub mod encoding;
 pub mod error;
 pub mod format;

@@ -253,4 +253,44 @@ mod tests {
             assert!(key.verify(&changed, &tag).is_err(), "byte {i}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+    #[test]
+    fn any_change_to_any_record_field_breaks_the_tag(field in 0usize..11, pick in proptest::prelude::any::<u64>()) {
+        let key = WorkerToken::from_bytes(vec![b'k'; 32]).unwrap().derive_keys().seal;
+        let original = SealRecord {
+            shard_id: ShardId::new("s-1").unwrap(),
+            digest: Digest::from_bytes([1; 32]),
+            vram_bytes: 1,
+            gpu_device: 0,
+            device_uuid: [3; 16],
+            sealed_at_ns: 12345,
+            backend: BackendKind::Cuda,
+            model_ref: "m".to_owned(),
+            shard_index: 0,
+            total_shards: 1,
+            tensor_table_digest: None,
+        };
+        let tag = original.sign(&key).unwrap();
+        let mut r = original.clone();
+        match field {
+            0 => r.shard_id = ShardId::new(&format!("s-{}", 2 + pick % 1000)).unwrap(),
+            1 => r.digest = Digest::from_bytes([(2 + pick % 250) as u8; 32]),
+            2 => r.vram_bytes = 2 + pick % 1000,
+            3 => r.gpu_device = 1 + (pick as u32 % 1000),
+            4 => r.device_uuid[(pick % 16) as usize] ^= 1 << (pick % 8),
+            5 => r.sealed_at_ns ^= 1 << (pick % 64),
+            6 => r.backend = BackendKind::Sim,
+            7 => r.model_ref = format!("m{pick}"),
+            8 => r.shard_index = 1 + (pick as u32 % 1000),
+            9 => r.total_shards = 2 + (pick as u32 % 1000),
+            _ => r.tensor_table_digest = Some([(pick % 255) as u8; 32]),
+        }
+        proptest::prop_assert_ne!(&r, &original);
+        let forged = matches!(r.verify(&key, &tag), Err(VramError::SealForgery { .. }));
+        proptest::prop_assert!(forged, "field {} change kept the tag valid", field);
+    }
+
+    }
 }

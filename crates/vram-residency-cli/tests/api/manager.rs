@@ -146,24 +146,19 @@ fn shard_from_another_manager_is_refused() {
 }
 
 #[test]
-fn manager_with_other_token_cannot_verify_seal_ci_005() {
-    // Same backend, different worker key: a record sealed by one is forgery to the other. Shown on
-    // the record level, since handles are bound to their manager.
+fn manager_with_other_token_has_another_identity_and_its_attestations_do_not_verify_ci_005() {
+    // Same backend, different worker token: another Ed25519 identity, so an attestation made by one
+    // worker does not verify with the other's public key (and handles are bound to their manager).
     let w = small_worker();
     let shard = w.manager.seal_model(&[9; 64], 0).unwrap();
     let other = WorkerToken::from_bytes(b"another-token-0123456789abcdef0123".to_vec()).unwrap();
-    assert!(
-        shard
-            .record()
-            .verify(&other.derive_keys().seal, shard.seal_tag())
-            .is_err()
-    );
-    assert!(
-        shard
-            .record()
-            .verify(&token().derive_keys().seal, shard.seal_tag())
-            .is_ok()
-    );
+    assert_ne!(other.public_key(), *w.manager.public_key());
+    assert_eq!(token().public_key(), *w.manager.public_key());
+    let nonce = [7u8; 16];
+    let envelope = w.manager.attest(&shard, &nonce).unwrap();
+    assert!(envelope.verify(w.manager.public_key(), &nonce).is_ok());
+    let err = envelope.verify(&other.public_key(), &nonce).unwrap_err();
+    assert!(err.to_string().contains("does not verify"), "{err}");
 }
 
 #[test]
@@ -384,7 +379,7 @@ fn no_pointer_or_secret_in_debug_display_or_json_ms_001_ci_006() {
         format!("{shard}"),
         serde_json::to_string(&shard).unwrap(),
         format!("{:?}", w.manager),
-        format!("{:?}", w.manager.keys()),
+        format!("{:?}", w.manager.public_key()),
         format!("{:?}", w.audit.entries()),
     ];
     for text in &outputs {
