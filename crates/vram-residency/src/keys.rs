@@ -197,6 +197,47 @@ secret_key!(
     AttestationKey
 );
 
+/// Reads a file that holds a secret (the worker token, API tokens): a regular file of at most
+/// `max_len` bytes that neither group nor others can read or write (checked before reading).
+///
+/// # Errors
+/// [`VramError::Io`] when it cannot be read; [`VramError::InvalidToken`] when it is not a regular
+/// file, is too large, or is accessible to group or others (the message gives the fix:
+/// `chmod 600 PATH`). The message never contains the file's content.
+pub fn read_secret_file(path: &Path, max_len: usize) -> Result<Zeroizing<Vec<u8>>> {
+    let io = |source| VramError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let metadata = std::fs::metadata(path).map_err(io)?;
+    if !metadata.is_file() {
+        return Err(VramError::InvalidToken {
+            reason: format!("{} is not a regular file", path.display()),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(VramError::InvalidToken {
+                reason: format!(
+                    "{} is accessible to group or others (mode {mode:04o}); a secret file must be \
+                     readable by its owner only: run `chmod 600 {}`",
+                    path.display(),
+                    path.display()
+                ),
+            });
+        }
+    }
+    if metadata.len() > max_len as u64 {
+        return Err(VramError::InvalidToken {
+            reason: format!("{} is larger than {max_len} bytes", path.display()),
+        });
+    }
+    std::fs::read(path).map(Zeroizing::new).map_err(io)
+}
+
 /// Checks a presented bearer token against the worker token without keeping the token.
 ///
 /// Holds SHA-256 of the worker token. [`matches`](Self::matches) hashes the presented bytes and
@@ -213,6 +254,12 @@ impl fmt::Debug for BearerCheck {
 }
 
 impl BearerCheck {
+    /// Keeps SHA-256 of `secret` (an API token) to check presented tokens against.
+    #[must_use]
+    pub fn from_secret(secret: &[u8]) -> Self {
+        Self(sha256(secret))
+    }
+
     /// True when `presented` is the worker token (constant-time comparison of SHA-256 hashes).
     #[must_use]
     pub fn matches(&self, presented: &[u8]) -> bool {
