@@ -54,7 +54,7 @@ pub enum Command {
     /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
     /// verification catches it and the worker stops.
     Demo(DemoArgs),
-    /// Run the worker service: an HTTP API (loopback by default, bearer token) to commit, list,
+    /// Run the worker service: an HTTP API (loopback by default, operator and observer API tokens) to commit, list,
     /// verify, attest and evict shards, with an HMAC-chained audit log, sweeps and metrics.
     Serve(Box<crate::serve::ServeArgs>),
     /// Audit log tools.
