@@ -18,8 +18,8 @@ use std::fmt;
 use std::path::Path;
 
 use anyhow::Context as _;
-use vram_residency::BearerCheck;
 use vram_residency::keys::{MAX_TOKEN_LEN, MIN_TOKEN_LEN, read_secret_file};
+use vram_residency::{BearerCheck, VramError};
 
 /// Largest token file read: room for many tokens and comments.
 const MAX_TOKEN_FILE_LEN: usize = 64 << 10;
@@ -95,9 +95,15 @@ impl Access {
     ) -> anyhow::Result<Self> {
         let read = |path: Option<&Path>, role: Role| {
             path.map(|path| {
-                read_secret_file(path, MAX_TOKEN_FILE_LEN).with_context(|| {
-                    format!("reading the {} tokens from {}", role.name(), path.display())
-                })
+                read_secret_file(path, MAX_TOKEN_FILE_LEN)
+                    .map_err(|error| match error {
+                        // Its Display says "worker token"; the reason alone fits an API token file.
+                        VramError::InvalidToken { reason } => anyhow::anyhow!(reason),
+                        other => anyhow::Error::new(other),
+                    })
+                    .with_context(|| {
+                        format!("reading the {} tokens from {}", role.name(), path.display())
+                    })
             })
             .transpose()
         };

@@ -555,6 +555,7 @@ fn serve_refuses_to_start_when_a_token_file_is_readable_by_group_or_others_ci_00
             .expect("a 0644 token file must be refused");
         assert!(!refused.status.success(), "{refused:?}");
         assert!(refused.stderr.contains("chmod 600"), "{refused:?}");
+        assert!(!refused.stderr.contains("worker token"), "{refused:?}");
         assert!(!refused.stderr.contains(OPERATOR_TOKEN), "{refused:?}");
     }
 }
