@@ -1457,8 +1457,31 @@ fn openapi_documents_every_route() {
             );
         }
     }
+    // Each operation names, in `x-role`, the role the server requires of it.
+    for (path, method, role) in [
+        ("/v1/shards", "post", "operator"),
+        ("/v1/shards", "get", "observer"),
+        ("/v1/shards/{id}", "get", "observer"),
+        ("/v1/shards/{id}", "delete", "operator"),
+        ("/v1/shards/{id}/verify", "post", "operator"),
+        ("/v1/shards/{id}/attest", "post", "observer"),
+        ("/v1/worker", "get", "observer"),
+        ("/metrics", "get", "observer"),
+    ] {
+        let at = spec.find(&format!("\n  {path}:\n")).unwrap();
+        let section = &spec[at + 1..];
+        let section = &section[..section.find("\n  /").unwrap_or(section.len())];
+        let op = section.find(&format!("\n    {method}:\n")).unwrap();
+        let documented = section[op + 1..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("      "))
+            .any(|l| l == format!("      x-role: {role}"));
+        assert!(documented, "{method} {path} does not say x-role: {role}");
+    }
     for code in [
         "unauthorized",
+        "forbidden",
         "invalid_json",
         "invalid_model_path",
         "shard_not_found",
