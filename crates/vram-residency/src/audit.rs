@@ -148,9 +148,10 @@ pub enum AuditEvent {
         /// Shards freed during shutdown.
         shards_freed: u64,
     },
-    /// An HTTP request presented the worker token as its bearer credential; it was refused with 401
-    /// (critical: the root secret, from which the seal and audit keys derive, is in a client's hands
-    /// and should be rotated). Names the request, never the token.
+    /// An HTTP request presented the worker token as its credential (as a bearer token, under
+    /// another scheme, or bare); it was refused with 401 (critical: the root secret, from which the
+    /// seal and audit keys derive, is in a client's hands and should be rotated). Names the request,
+    /// never the token.
     WorkerTokenRefused {
         /// HTTP method.
         method: String,
