@@ -9,11 +9,15 @@ starting value.
 Safety: the target must be a loopback address (127.0.0.0/8 or ::1); anything else is refused. The run
 is bounded by --duration (at most 3600 s) and --max-requests; every request has a timeout.
 
-Example (sim backend, on this machine):
+Authentication: an operator API token (the test commits and evicts), read from --api-token-file
+(the first line that is neither blank nor a '#' comment; the file should be mode 0600) or else from
+$VRAM_RESIDENCY_API_TOKEN. The worker token is not an API credential: the server refuses it.
+
+Example (sim backend, on this machine; operator.tokens holds one operator token, mode 0600):
     vram-residency serve --backend sim --models-dir models --token-file token \\
-        --audit-log audit.log --listen 127.0.0.1:8470 &
-    scripts/load-test.py --url http://127.0.0.1:8470 --token-file token --model m.bin \\
-        --clients 4 --duration 20
+        --operator-tokens operator.tokens --audit-log audit.log --listen 127.0.0.1:8470 &
+    scripts/load-test.py --url http://127.0.0.1:8470 --api-token-file operator.tokens \\
+        --model m.bin --clients 4 --duration 20
 
 On a GPU host, the same against `--backend cuda`. `--create-model SIZE --models-dir DIR` writes a
 random model file of SIZE bytes first (DIR must be the server's models directory).
@@ -115,8 +119,28 @@ def percentile(values, p):
     return ordered[index]
 
 
+def api_token(path):
+    """The operator API token: the first line of `path` that is neither blank nor a '#' comment, else
+    $VRAM_RESIDENCY_API_TOKEN. Never printed."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+        token = next((line for line in lines if line and not line.startswith("#")), "")
+        if not token:
+            sys.exit(f"load-test: {path} holds no token (only blank or '#' lines)")
+        return token
+    token = os.environ.get("VRAM_RESIDENCY_API_TOKEN", "").strip()
+    if not token:
+        sys.exit("load-test: no API token: pass --api-token-file FILE (an operator token) or set "
+                 "VRAM_RESIDENCY_API_TOKEN")
+    return token
+
+
 def used_bytes(client):
     status, body, _ = client.request("GET", "/v1/worker")
+    if status == 401:
+        sys.exit("load-test: the API token was refused (401): pass an operator API token (the worker "
+                 "token is never accepted)")
     if status != 200:
         sys.exit(f"load-test: GET /v1/worker answered {status}: {body}")
     return sum(d.get("used_bytes") or 0 for d in body["devices"]), body
@@ -154,7 +178,10 @@ def worker_loop(args, host, port, token, prefix, index, deadline, stats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8470")
-    parser.add_argument("--token-file", help="else $VRAM_RESIDENCY_TOKEN")
+    parser.add_argument(
+        "--api-token-file",
+        help="file holding an operator API token (first non-blank, non-# line); else $VRAM_RESIDENCY_API_TOKEN",
+    )
     parser.add_argument("--model", required=True, help="model path relative to the server's models dir")
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--clients", type=int, default=4)
@@ -177,13 +204,7 @@ def main():
         sys.exit("load-test: --url must be http://HOST:PORT")
     loopback_only(url.hostname)
     port = url.port or 80
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-    else:
-        token = os.environ.get("VRAM_RESIDENCY_TOKEN", "")
-    if not token:
-        sys.exit("load-test: no token: pass --token-file or set VRAM_RESIDENCY_TOKEN")
+    token = api_token(args.api_token_file)
     if args.create_model:
         if not args.models_dir:
             sys.exit("load-test: --create-model needs --models-dir")
@@ -198,6 +219,10 @@ def main():
     control = Client(url.hostname, port, token, args.timeout)
     before, worker = used_bytes(control)
     prefix = "load-" + secrets.token_hex(4)
+    # An observer token reads fine but may not commit or evict: find out before starting the clients.
+    status, _, _ = control.request("DELETE", f"/v1/shards/{prefix}-probe")
+    if status == 403:
+        sys.exit("load-test: the API token has the observer role; commit and evict need an operator token")
     stats = Stats()
     started = time.monotonic()
     deadline = started + args.duration

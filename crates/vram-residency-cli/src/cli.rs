@@ -54,8 +54,9 @@ pub enum Command {
     /// Seal a synthetic model, verify it, corrupt one bit from outside the manager, and show that
     /// verification catches it and the worker stops.
     Demo(DemoArgs),
-    /// Run the worker service: an HTTP API (loopback by default, role tokens) to commit, list,
-    /// verify, attest and evict shards, with a signed, hash-chained audit log, sweeps and metrics.
+    /// Run the worker service: an HTTP API (loopback by default, operator and observer API tokens)
+    /// to commit, list, verify, attest and evict shards, with a signed, hash-chained audit log,
+    /// sweeps and metrics.
     Serve(Box<crate::serve::ServeArgs>),
     /// Print the worker's public Ed25519 key (PEM) and its key id: what verifiers of its attestations
     /// and audit log need. Derived from the worker token; the secret key is never printed.

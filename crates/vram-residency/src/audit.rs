@@ -156,6 +156,16 @@ pub enum AuditEvent {
         /// Shards freed during shutdown.
         shards_freed: u64,
     },
+    /// An HTTP request presented the worker token as its credential (as a bearer token, under
+    /// another scheme, or bare); it was refused with 401 (critical: the root secret, from which the
+    /// seal and audit keys derive, is in a client's hands and should be rotated). Names the request,
+    /// never the token.
+    WorkerTokenRefused {
+        /// HTTP method.
+        method: String,
+        /// Request path, without the query string.
+        path: String,
+    },
 }
 
 impl AuditEvent {
@@ -173,7 +183,8 @@ impl AuditEvent {
             Self::VramAllocationFailed { .. } | Self::AuditLogRecovered { .. } => Severity::Warning,
             Self::SealVerificationFailed { .. }
             | Self::PolicyViolation { .. }
-            | Self::WorkerStopped { .. } => Severity::Critical,
+            | Self::WorkerStopped { .. }
+            | Self::WorkerTokenRefused { .. } => Severity::Critical,
         }
     }
 
@@ -193,6 +204,7 @@ impl AuditEvent {
             Self::AuditLogCreated { .. } => "audit_log_created",
             Self::ServiceStarted { .. } => "service_started",
             Self::ServiceStopped { .. } => "service_stopped",
+            Self::WorkerTokenRefused { .. } => "worker_token_refused",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Routes, the bearer-token middleware and the handlers. `docs/openapi.yaml` describes the API.
+//! Routes, the role-checking middleware and the handlers. `docs/openapi.yaml` describes the API.
 //!
 //! Heavy work (sealing, hashing) runs on blocking threads, bounded by the state's permits. A commit
 //! registers its shard from inside its blocking task, so a client that disconnects or times out does
@@ -12,7 +12,7 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,8 +21,9 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use vram_residency::attestation::parse_nonce_hex;
 use vram_residency::models_dir::check_relative;
-use vram_residency::{Digest, SealOptions, ShardId, WorkerState};
+use vram_residency::{AuditEvent, Digest, SealOptions, ShardId, WorkerState};
 
+use super::auth::{Presented, Role};
 use super::error::ApiError;
 use super::metrics;
 use super::state::AppState;
@@ -37,19 +38,36 @@ pub struct Limits {
 }
 
 pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
-    let authenticated = Router::new()
-        .route("/v1/shards", post(commit).get(list))
-        .route("/v1/shards/{id}", get(get_shard).delete(evict))
-        .route("/v1/shards/{id}/verify", post(verify))
-        .route("/v1/shards/{id}/attest", post(attest))
-        .route("/v1/worker", get(worker))
-        .route("/metrics", get(metrics))
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&app),
-            require_bearer,
-        ));
+    // Each method of each route names the role it needs (docs/service.md has the table).
+    let needs = |role: Role| middleware::from_fn_with_state((Arc::clone(&app), role), require_role);
+    let metrics_route = if app.access.metrics_without_token {
+        get(metrics)
+    } else {
+        get(metrics).route_layer(needs(Role::Observer))
+    };
     Router::new()
-        .merge(authenticated)
+        .route(
+            "/v1/shards",
+            get(list)
+                .route_layer(needs(Role::Observer))
+                .merge(post(commit).route_layer(needs(Role::Operator))),
+        )
+        .route(
+            "/v1/shards/{id}",
+            get(get_shard)
+                .route_layer(needs(Role::Observer))
+                .merge(delete(evict).route_layer(needs(Role::Operator))),
+        )
+        .route(
+            "/v1/shards/{id}/verify",
+            post(verify).route_layer(needs(Role::Operator)),
+        )
+        .route(
+            "/v1/shards/{id}/attest",
+            post(attest).route_layer(needs(Role::Observer)),
+        )
+        .route("/v1/worker", get(worker).route_layer(needs(Role::Observer)))
+        .route("/metrics", metrics_route)
         .route("/healthz", get(healthz))
         .route("/v1/identity", get(identity))
         .fallback(not_found)
@@ -76,24 +94,52 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
         .with_state(app)
 }
 
-/// Lets a request through only with `Authorization: Bearer <worker token>`. The presented token is
-/// hashed and compared with the hash of the real one in constant time ([`vram_residency::BearerCheck`]).
-async fn require_bearer(
-    State(app): State<Arc<AppState>>,
+/// Lets a request through only with `Authorization: Bearer <API token>` of a role at least `needed`:
+/// 401 without a configured token, 403 with a token of a lesser role. The worker token gets the same
+/// 401 as any wrong token, and the attempt is audited (critical) before the answer goes out.
+async fn require_role(
+    State((app, needed)): State<(Arc<AppState>, Role)>,
     request: Request,
     next: Next,
 ) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
-        .map(axum::http::HeaderValue::as_bytes)
-        .and_then(|value| {
-            let (scheme, token) = value.split_at_checked(7)?;
-            scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+        .map_or(Presented::Unknown, |value| {
+            app.access.identify(value.as_bytes())
         });
     match presented {
-        Some(token) if app.bearer.matches(token) => next.run(request).await,
-        _ => ApiError::unauthorized().into_response(),
+        Presented::Role(held) if held >= needed => next.run(request).await,
+        Presented::Role(held) => ApiError::forbidden(needed, held).into_response(),
+        Presented::WorkerToken => {
+            // Method and path are taken out first: a `&Request` cannot be held across an await.
+            let method = request.method().to_string();
+            let path = request.uri().path().to_owned();
+            refused_worker_token(&app, method, path).await;
+            ApiError::unauthorized().into_response()
+        }
+        Presented::Unknown => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Records `worker_token_refused` (method and path, without the query string; never the token).
+async fn refused_worker_token(app: &Arc<AppState>, method: String, path: String) {
+    tracing::error!(
+        %method,
+        %path,
+        "the worker token was presented as an API credential and refused; it is in a client's \
+         hands: rotate it"
+    );
+    let event = AuditEvent::WorkerTokenRefused { method, path };
+    let app = Arc::clone(app);
+    let recorded = tokio::task::spawn_blocking(move || {
+        super::record(app.audit.as_ref(), app.manager.backend_kind(), event)
+    })
+    .await;
+    match recorded {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "recording worker_token_refused failed"),
+        Err(_) => tracing::error!("the task recording worker_token_refused failed"),
     }
 }
 
@@ -339,7 +385,7 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-/// `GET /metrics` (token required).
+/// `GET /metrics` (observer or operator token, unless `--metrics-without-token`).
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
     let text = app.metrics.render(&app.manager, app.shard_count());
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()

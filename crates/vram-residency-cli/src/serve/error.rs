@@ -6,6 +6,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use vram_residency::VramError;
 
+use super::auth::Role;
+
 /// An API error: HTTP status, a stable machine-readable code, and a message for people.
 #[derive(Debug)]
 pub struct ApiError {
@@ -27,7 +29,20 @@ impl ApiError {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing or wrong bearer token (send Authorization: Bearer <worker token>)",
+            "missing or wrong bearer token (send Authorization: Bearer <API token>)",
+        )
+    }
+
+    /// A valid API token whose role may not call this route.
+    pub fn forbidden(needed: Role, held: Role) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this route needs the {} role; the token presented has the {} role",
+                needed.name(),
+                held.name()
+            ),
         )
     }
 

@@ -1,5 +1,5 @@
-//! Prometheus metrics (`prometheus-client`, OpenMetrics text format), served on `/metrics` behind the
-//! same bearer token as `/v1`: capacity per device, operation counts by result, latency histograms,
+//! Prometheus metrics (`prometheus-client`, OpenMetrics text format), served on `/metrics` to an observer
+//! or operator token (or to anyone, with `--metrics-without-token` on loopback): capacity per device, operation counts by result, latency histograms,
 //! the worker state and sweeps.
 
 use std::sync::atomic::AtomicU64;

@@ -1,13 +1,14 @@
 //! `vram-residency serve`: the worker service (axum on tokio; the core crate stays synchronous).
 //!
-//! Start-up: token (file or environment, never argv) → bearer check and audit key → models directory
-//! → backend → audit log (locked, verified, chain continued) → manager → listener. The bound address
+//! Start-up: worker token (file or environment, never argv) → audit key → API tokens and their roles
+//! (files; the worker token is never one) → models directory → backend → audit log (locked, verified, chain continued) → manager → listener. The bound address
 //! is printed on stdout as `listening on http://ADDR`, then requests are served until SIGTERM or
 //! SIGINT. Shutdown: stop accepting, let running requests finish, stop the sweep, wait for running
 //! operations, free every shard (each one audited), record `service_stopped`, sync the audit log.
 //! `docs/service.md` is the operator's guide.
 
 mod api;
+mod auth;
 mod error;
 mod metrics;
 mod state;
@@ -26,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use vram_residency::shard::unix_nanos;
 use vram_residency::{
-    AuditEntry, AuditEvent, AuditLog, AuditSink as _, BackendKind, ModelsDir, VramManager,
+    AuditEntry, AuditEvent, AuditLog, AuditSink, BackendKind, ModelsDir, VramManager,
 };
 
 use crate::backends;
@@ -41,9 +42,20 @@ pub struct ServeArgs {
     #[arg(long, env = "VRAM_RESIDENCY_MODELS_DIR")]
     pub models_dir: PathBuf,
     /// File holding the worker token (else the VRAM_RESIDENCY_TOKEN environment variable). The token
-    /// is never accepted on the command line. Clients send it as `Authorization: Bearer <token>`.
+    /// is never accepted on the command line, and never as an HTTP credential.
     #[arg(long, env = "VRAM_RESIDENCY_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// File of operator API tokens (every route), one per line; `#` comments and blank lines are
+    /// skipped. Readable by its owner only (chmod 600).
+    #[arg(long, env = "VRAM_RESIDENCY_OPERATOR_TOKENS")]
+    pub operator_tokens: Option<PathBuf>,
+    /// File of observer API tokens (read-only routes, attest, /metrics), one per line. Readable by
+    /// its owner only (chmod 600).
+    #[arg(long, env = "VRAM_RESIDENCY_OBSERVER_TOKENS")]
+    pub observer_tokens: Option<PathBuf>,
+    /// Serve /metrics without a token. Only with a loopback --listen address.
+    #[arg(long)]
+    pub metrics_without_token: bool,
     /// Address to listen on. Loopback by default; anything else should sit behind a TLS proxy.
     #[arg(long, env = "VRAM_RESIDENCY_LISTEN", default_value = "127.0.0.1:8470")]
     pub listen: SocketAddr,
@@ -85,7 +97,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let token = load_token(args.token_file.as_deref())?;
-    let bearer = token.bearer_check();
+    let mut access = auth::Access::load(
+        token.bearer_check(),
+        args.operator_tokens.as_deref(),
+        args.observer_tokens.as_deref(),
+    )?;
+    if args.metrics_without_token && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--metrics-without-token is allowed only with a loopback --listen address (127.0.0.1, \
+             ::1); {} is not one. Give the scraper an observer token instead",
+            args.listen
+        );
+    }
+    access.metrics_without_token = args.metrics_without_token;
     let models = ModelsDir::new(&args.models_dir)
         .with_context(|| format!("models directory {}", args.models_dir.display()))?;
     let backend = backends::open(
@@ -130,7 +154,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let devices = u32::try_from(manager.devices().len()).unwrap_or(u32::MAX);
     record(
-        &audit_log,
+        audit_log.as_ref(),
         kind,
         AuditEvent::ServiceStarted {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -142,7 +166,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let app = Arc::new(state::AppState::new(
         Arc::clone(&manager),
         models,
-        bearer,
+        access,
+        Arc::clone(&audit_log) as Arc<dyn AuditSink>,
         args.max_parallel_ops,
         args.sweep_interval,
     ));
@@ -172,7 +197,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let freed = app.shut_down(grace).await;
     record(
-        &audit_log,
+        audit_log.as_ref(),
         kind,
         AuditEvent::ServiceStopped {
             signal: signal.to_owned(),
@@ -184,7 +209,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn record(log: &AuditLog, backend: BackendKind, event: AuditEvent) -> anyhow::Result<()> {
+/// Records one of the service's own events (start, stop, a refused worker token) in `sink`.
+fn record(sink: &dyn AuditSink, backend: BackendKind, event: AuditEvent) -> anyhow::Result<()> {
     let entry = AuditEntry {
         at_ns: unix_nanos(SystemTime::now()),
         backend,
@@ -192,7 +218,7 @@ fn record(log: &AuditLog, backend: BackendKind, event: AuditEvent) -> anyhow::Re
         event,
     };
     tracing::info!(event = entry.event.name(), "audit");
-    log.record(&entry)?;
+    sink.record(&entry)?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! What the worker service holds: the manager, the resident shards, the models directory, the bearer
-//! check, metrics, and the permits that bound concurrent heavy operations.
+//! What the worker service holds: the manager, the resident shards, the models directory, who may
+//! call what (API tokens and roles), the audit sink, metrics, and the permits that bound concurrent
+//! heavy operations.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vram_residency::{
-    AttestationEnvelope, BearerCheck, ModelsDir, SealOptions, SealView, SealedShard, ShardId, VerifyReport,
+    AttestationEnvelope, AuditSink, ModelsDir, SealOptions, SealView, SealedShard, ShardId,
+    VerifyReport,
     VramError, VramManager, WorkerState,
 };
 
+use super::auth::Access;
 use super::error::{ApiError, classify};
 use super::metrics::Metrics;
 
@@ -49,7 +52,10 @@ impl ShardEntry {
 pub struct AppState {
     pub manager: Arc<VramManager>,
     pub models: ModelsDir,
-    pub bearer: BearerCheck,
+    /// API tokens and their roles.
+    pub access: Access,
+    /// Where the service's own audit events go (the manager's sink).
+    pub audit: Arc<dyn AuditSink>,
     pub metrics: Metrics,
     pub sweep_interval: Duration,
     shards: Mutex<BTreeMap<ShardId, Arc<ShardEntry>>>,
@@ -62,7 +68,8 @@ impl AppState {
     pub fn new(
         manager: Arc<VramManager>,
         models: ModelsDir,
-        bearer: BearerCheck,
+        access: Access,
+        audit: Arc<dyn AuditSink>,
         max_ops: u32,
         sweep_interval: Duration,
     ) -> Self {
@@ -70,7 +77,8 @@ impl AppState {
         Self {
             manager,
             models,
-            bearer,
+            access,
+            audit,
             metrics: Metrics::new(),
             sweep_interval,
             shards: Mutex::new(BTreeMap::new()),

@@ -137,9 +137,11 @@ mod tests {
 
     use super::{SweepOutcome, sweep_once};
     use crate::serve::api::{Limits, router};
+    use crate::serve::auth::Access;
     use crate::serve::state::AppState;
 
     const TOKEN: &str = "sweep-test-token-0123456789abcdef0123";
+    const OPERATOR_TOKEN: &str = "sweep-operator-token-0123456789abcdef";
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -173,7 +175,8 @@ mod tests {
         let app = Arc::new(AppState::new(
             manager,
             ModelsDir::new(&models).unwrap(),
-            token.bearer_check(),
+            Access::operator_only(token.bearer_check(), OPERATOR_TOKEN.as_bytes()),
+            sink.clone(),
             2,
             Duration::from_secs(60),
         ));
@@ -202,7 +205,7 @@ mod tests {
         let request = Request::builder()
             .method(method)
             .uri(uri)
-            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("authorization", format!("Bearer {OPERATOR_TOKEN}"))
             .header("content-type", "application/json")
             .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
             .unwrap();

@@ -2,7 +2,7 @@
 
 use std::process::Output;
 
-use crate::support::{TEST_TOKEN, bin, random_bytes};
+use crate::support::{TEST_TOKEN, bin, random_bytes, write_secret};
 
 fn text(out: &Output) -> (String, String) {
     (
@@ -18,7 +18,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        write_secret(dir.path().join("token"), format!("{TEST_TOKEN}\n"));
         std::fs::write(dir.path().join("model.bin"), random_bytes(1_000_003, 11)).unwrap();
         Self { dir }
     }
@@ -82,7 +82,7 @@ fn seal_human_output_says_sim_is_not_residency() {
 #[test]
 fn seal_refuses_bad_input_with_clear_errors() {
     let f = Fixture::new();
-    std::fs::write(f.path("short-token"), "tooshort\n").unwrap();
+    write_secret(f.path("short-token"), "tooshort\n");
     std::fs::write(f.path("empty.bin"), b"").unwrap();
     let model = f.path("model.bin");
     let token = f.path("token");

@@ -12,13 +12,31 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{TEST_TOKEN, bin, random_bytes, repo_path};
+use crate::support::{TEST_TOKEN, bin, random_bytes, repo_path, write_secret};
 
 /// Longest any single wait in these tests may take.
 const BOUND: Duration = Duration::from_secs(60);
 const MIB: usize = 1 << 20;
 
-/// A temporary worker home: models, token, audit log, the server's stderr.
+/// API tokens of the test homes: two operator tokens (a rotation in progress) and one observer token.
+const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef0123456789";
+const OPERATOR_TOKEN_ROTATED: &str = "operator-token-rotated-0123456789abcdef01";
+const OBSERVER_TOKEN: &str = "observer-token-0123456789abcdef0123456789";
+
+/// Every route that needs a token, with a body where it takes one.
+const TOKEN_ROUTES: [(&str, &str, Option<&str>); 8] = [
+    ("GET", "/v1/shards", None),
+    ("POST", "/v1/shards", Some(r#"{"model":"a.bin","gpu":0}"#)),
+    ("GET", "/v1/shards/x", None),
+    ("DELETE", "/v1/shards/x", None),
+    ("POST", "/v1/shards/x/verify", None),
+    ("POST", "/v1/shards/x/attest", Some(r#"{"nonce":"00"}"#)),
+    ("GET", "/v1/worker", None),
+    ("GET", "/metrics", None),
+];
+
+/// A temporary worker home: models, worker token, API token files (all 0600), audit log, the
+/// server's stderr.
 pub struct Home {
     pub dir: tempfile::TempDir,
 }
@@ -29,7 +47,17 @@ impl Home {
         let models = dir.path().join("models");
         std::fs::create_dir_all(models.join("sub")).unwrap();
         std::fs::create_dir_all(models.join("subdir")).unwrap();
-        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        write_secret(dir.path().join("token"), format!("{TEST_TOKEN}\n"));
+        write_secret(
+            dir.path().join("operator-tokens"),
+            format!(
+                "# operators; the second is the rotated one\n{OPERATOR_TOKEN}\n\n{OPERATOR_TOKEN_ROTATED}\n"
+            ),
+        );
+        write_secret(
+            dir.path().join("observer-tokens"),
+            format!("{OBSERVER_TOKEN}\n"),
+        );
         std::fs::write(models.join("a.bin"), random_bytes(MIB, 1)).unwrap();
         std::fs::write(models.join("sub/b.bin"), random_bytes(MIB, 2)).unwrap();
         std::fs::write(models.join("empty.bin"), b"").unwrap();
@@ -67,13 +95,40 @@ impl Home {
         self.try_start(extra, &[]).unwrap()
     }
 
-    /// Starts `serve`; `Err(output)` when it exits before printing its address.
-    pub fn try_start(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
+    /// Starts `serve` with this home's operator and observer token files (unless `extra` names
+    /// token files itself); `Err` when it exits before printing its address.
+    pub fn try_start(&self, extra: &[&str], env: &[(&str, &str)]) -> Result<Server, Refused> {
+        self.launch(extra, env, true)
+    }
+
+    /// Starts `serve`; with `api_tokens` false, without any API token file of this home.
+    pub fn launch(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        api_tokens: bool,
+    ) -> Result<Server, Refused> {
         let stderr_path = self.path(&format!("stderr-{}.log", unique()));
         let mut command = bin();
         command
             .arg("serve")
-            .args(["--backend", "sim", "--listen", "127.0.0.1:0"])
+            .args(["--backend", "sim"])
+            .env_remove("VRAM_RESIDENCY_OPERATOR_TOKENS")
+            .env_remove("VRAM_RESIDENCY_OBSERVER_TOKENS");
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let names_token_files = extra
+            .iter()
+            .any(|a| *a == "--operator-tokens" || *a == "--observer-tokens");
+        if api_tokens && !names_token_files {
+            command
+                .arg("--operator-tokens")
+                .arg(self.path("operator-tokens"))
+                .arg("--observer-tokens")
+                .arg(self.path("observer-tokens"));
+        }
+        command
             .arg("--models-dir")
             .arg(self.path("models"))
             .arg("--audit-log")
@@ -116,11 +171,21 @@ impl Home {
             None => {
                 // Exited (or hung) before listening: make sure it is gone, then report its stderr.
                 let _ = guard.child.kill();
-                let _ = guard.child.wait();
-                Err(guard.stderr())
+                let status = guard.child.wait().unwrap();
+                Err(Refused {
+                    status,
+                    stderr: guard.stderr(),
+                })
             }
         }
     }
+}
+
+/// A server that exited (or hung, then was killed) before listening.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: ExitStatus,
+    pub stderr: String,
 }
 
 fn unique() -> usize {
@@ -261,8 +326,9 @@ fn wait_bounded(child: &mut Child) -> ExitStatus {
     }
 }
 
+/// `Authorization` value with the (first) operator token.
 fn bearer() -> String {
-    format!("Bearer {TEST_TOKEN}")
+    format!("Bearer {OPERATOR_TOKEN}")
 }
 
 fn error_code(reply: &Reply) -> &str {
@@ -287,7 +353,7 @@ fn assert_nothing_changed(server: &Server, home: &Home) {
 }
 
 #[test]
-fn serve_bearer_token_is_required_on_v1_and_metrics_but_not_healthz_ci_006() {
+fn serve_api_token_is_required_on_v1_and_metrics_but_not_healthz_unknown_tokens_get_401_ci_006() {
     let home = Home::new();
     let server = home.start(&[]);
     let health = server.call("GET", "/healthz", None, None);
@@ -295,7 +361,7 @@ fn serve_bearer_token_is_required_on_v1_and_metrics_but_not_healthz_ci_006() {
     assert_eq!(health.json["status"], "running");
 
     let near_miss = {
-        let mut t = TEST_TOKEN.to_owned();
+        let mut t = OPERATOR_TOKEN.to_owned();
         t.pop();
         t.push('X');
         t
@@ -305,22 +371,16 @@ fn serve_bearer_token_is_required_on_v1_and_metrics_but_not_healthz_ci_006() {
         Some("Bearer".to_owned()),
         Some("Bearer ".to_owned()),
         Some(format!("Bearer {near_miss}")),
-        Some(format!("Bearer {TEST_TOKEN}x")),
-        Some(format!("Bearer {}", &TEST_TOKEN[..TEST_TOKEN.len() - 1])),
-        Some(format!("Basic {TEST_TOKEN}")),
-        Some(TEST_TOKEN.to_owned()),
+        Some(format!("Bearer {OPERATOR_TOKEN}x")),
+        Some(format!(
+            "Bearer {}",
+            &OPERATOR_TOKEN[..OPERATOR_TOKEN.len() - 1]
+        )),
+        Some(format!("Basic {OPERATOR_TOKEN}")),
+        Some(OPERATOR_TOKEN.to_owned()),
+        Some(format!("Bearer {}", "u".repeat(40))),
     ];
-    let routes = [
-        ("GET", "/v1/shards", None),
-        ("POST", "/v1/shards", Some(r#"{"model":"a.bin","gpu":0}"#)),
-        ("GET", "/v1/shards/x", None),
-        ("DELETE", "/v1/shards/x", None),
-        ("POST", "/v1/shards/x/verify", None),
-        ("POST", "/v1/shards/x/attest", Some(r#"{"nonce":"00"}"#)),
-        ("GET", "/v1/worker", None),
-        ("GET", "/metrics", None),
-    ];
-    for (method, path, body) in routes {
+    for (method, path, body) in TOKEN_ROUTES {
         for auth in &wrong {
             let reply = server.call(method, path, auth.as_deref(), body);
             assert_error(&reply, 401, "unauthorized");
@@ -333,11 +393,294 @@ fn serve_bearer_token_is_required_on_v1_and_metrics_but_not_healthz_ci_006() {
         let ok = server.call(method, path, Some(&bearer()), body);
         assert_ne!(ok.status, 401, "{method} {path}: {}", ok.text);
         // The scheme is case-insensitive (RFC 7235).
-        let lower = server.call(method, path, Some(&format!("bearer {TEST_TOKEN}")), body);
+        let lower = server.call(
+            method,
+            path,
+            Some(&format!("bearer {OPERATOR_TOKEN}")),
+            body,
+        );
         assert_ne!(lower.status, 401, "{method} {path}");
     }
     // The two authorised commits above sealed a.bin; nothing unauthorised was.
     assert_eq!(server.shard_ids().len(), 2);
+    // Wrong tokens are not the worker token: nothing for the audit log.
+    assert!(!home.audit_log().contains("worker_token_refused"));
+}
+
+/// The audit records whose event is `name`, as JSON (`entry` of each line).
+fn audit_records(home: &Home, name: &str) -> Vec<Value> {
+    home.audit_log()
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["entry"].clone())
+        .filter(|entry| entry["event"] == name)
+        .collect()
+}
+
+#[test]
+fn serve_refuses_the_worker_token_as_a_credential_with_the_same_401_and_audits_it_critical_ci_006()
+{
+    let home = Home::new();
+    let server = home.start(&[]);
+    let unknown = server.call(
+        "GET",
+        "/v1/worker",
+        Some(&format!("Bearer {}", "u".repeat(40))),
+        None,
+    );
+    assert_error(&unknown, 401, "unauthorized");
+    let worker_bearer = format!("Bearer {TEST_TOKEN}");
+    for (method, path, body) in TOKEN_ROUTES {
+        let reply = server.call(method, path, Some(&worker_bearer), body);
+        assert_eq!(reply.status, 401, "{method} {path}: {}", reply.text);
+        assert_eq!(reply.text, unknown.text, "the same body as any wrong token");
+    }
+    // The query string stays out of the record; the token is recognised under any scheme, or none.
+    let query = server.call("GET", "/v1/shards?secret=1", Some(&worker_bearer), None);
+    assert_error(&query, 401, "unauthorized");
+    let bare = server.call("GET", "/v1/worker", Some(TEST_TOKEN), None);
+    assert_error(&bare, 401, "unauthorized");
+    assert!(
+        server.shard_ids().is_empty(),
+        "the worker token sealed nothing"
+    );
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+
+    let refused = audit_records(&home, "worker_token_refused");
+    assert_eq!(refused.len(), TOKEN_ROUTES.len() + 2, "{refused:?}");
+    for ((method, path, _), record) in TOKEN_ROUTES.iter().zip(&refused) {
+        assert_eq!(record["severity"], "critical", "{record}");
+        assert_eq!(record["method"], *method, "{record}");
+        assert_eq!(record["path"], *path, "{record}");
+    }
+    assert_eq!(refused[TOKEN_ROUTES.len()]["path"], "/v1/shards");
+    assert_eq!(refused[TOKEN_ROUTES.len() + 1]["path"], "/v1/worker");
+    let log = home.audit_log();
+    assert!(!log.contains(TEST_TOKEN) && !log.contains("secret=1"));
+    let verify = home.audit_verify();
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success() && out.starts_with("OK"), "{out}");
+}
+
+#[test]
+fn serve_observer_may_list_get_attest_and_scrape_but_gets_403_naming_operator_on_commit_evict_verify()
+ {
+    let home = Home::new();
+    let server = home.start(&[]);
+    assert_eq!(server.commit("a.bin", "m").status, 201);
+    let observer = format!("Bearer {OBSERVER_TOKEN}");
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/shards",
+            Some(r#"{"model":"sub/b.bin","gpu":0,"shard_id":"o"}"#),
+        ),
+        ("DELETE", "/v1/shards/m", None),
+        ("POST", "/v1/shards/m/verify", None),
+    ] {
+        let reply = server.call(method, path, Some(&observer), body);
+        assert_error(&reply, 403, "forbidden");
+        assert!(
+            reply.json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("operator"),
+            "{}",
+            reply.text
+        );
+    }
+    let nonce = format!(r#"{{"nonce":"{}"}}"#, "5a".repeat(32));
+    for (method, path, body) in [
+        ("GET", "/v1/shards", None),
+        ("GET", "/v1/shards/m", None),
+        ("GET", "/v1/worker", None),
+        ("GET", "/metrics", None),
+        ("POST", "/v1/shards/m/attest", Some(nonce.as_str())),
+    ] {
+        let reply = server.call(method, path, Some(&observer), body);
+        assert_eq!(reply.status, 200, "{method} {path}: {}", reply.text);
+    }
+    // Nothing the observer was refused happened.
+    assert_eq!(server.shard_ids(), ["m"]);
+    let log = home.audit_log();
+    assert_eq!(log.matches("\"event\":\"vram_sealed\"").count(), 1);
+    assert!(!log.contains("\"event\":\"vram_deallocated\""));
+}
+
+#[test]
+fn serve_operator_may_call_every_route_with_either_token_of_a_rotation() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    for (i, token) in [OPERATOR_TOKEN, OPERATOR_TOKEN_ROTATED].iter().enumerate() {
+        let auth = format!("Bearer {token}");
+        let call = |method: &str, path: &str, body: Option<&str>| {
+            server.call(method, path, Some(&auth), body)
+        };
+        let id = format!("r{i}");
+        let commit = format!(r#"{{"model":"a.bin","gpu":0,"shard_id":"{id}"}}"#);
+        let nonce = format!(r#"{{"nonce":"{}"}}"#, "5a".repeat(32));
+        let shard = format!("/v1/shards/{id}");
+        for (method, path, body, status) in [
+            ("POST", "/v1/shards".to_owned(), Some(commit.as_str()), 201),
+            ("GET", "/v1/shards".to_owned(), None, 200),
+            ("GET", shard.clone(), None, 200),
+            ("GET", "/v1/worker".to_owned(), None, 200),
+            ("GET", "/metrics".to_owned(), None, 200),
+            ("POST", format!("{shard}/verify"), None, 200),
+            ("POST", format!("{shard}/attest"), Some(nonce.as_str()), 200),
+            ("DELETE", shard.clone(), None, 200),
+        ] {
+            let reply = call(method, &path, body);
+            assert_eq!(
+                reply.status, status,
+                "{token}: {method} {path}: {}",
+                reply.text
+            );
+        }
+    }
+    assert!(server.shard_ids().is_empty());
+}
+
+#[test]
+fn serve_refuses_to_start_when_a_token_file_is_readable_by_group_or_others_ci_006() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let home = Home::new();
+    for flag in ["--operator-tokens", "--observer-tokens"] {
+        let file = home.path("tokens-0644");
+        std::fs::write(&file, format!("{OPERATOR_TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = home
+            .try_start(&[flag, file.to_str().unwrap()], &[])
+            .err()
+            .expect("a 0644 token file must be refused");
+        assert!(!refused.status.success(), "{refused:?}");
+        assert!(refused.stderr.contains("chmod 600"), "{refused:?}");
+        assert!(!refused.stderr.contains("worker token"), "{refused:?}");
+        assert!(!refused.stderr.contains(OPERATOR_TOKEN), "{refused:?}");
+    }
+}
+
+#[test]
+fn serve_refuses_to_start_without_api_tokens_with_the_worker_token_as_one_or_one_in_both_roles() {
+    let home = Home::new();
+    let none = home
+        .launch(&[], &[], false)
+        .err()
+        .expect("no API token: refused");
+    assert!(!none.status.success());
+    assert!(
+        none.stderr.contains("no API token configured")
+            && none.stderr.contains("--operator-tokens"),
+        "{none:?}"
+    );
+
+    write_secret(home.path("empty"), "# nothing yet\n\n");
+    let empty = home
+        .try_start(
+            &["--operator-tokens", home.path("empty").to_str().unwrap()],
+            &[],
+        )
+        .err()
+        .expect("comments only: refused");
+    assert!(
+        empty.stderr.contains("no API token configured"),
+        "{empty:?}"
+    );
+
+    write_secret(
+        home.path("with-worker"),
+        format!("{OPERATOR_TOKEN}\n{TEST_TOKEN}\n"),
+    );
+    for flag in ["--operator-tokens", "--observer-tokens"] {
+        let worker = home
+            .try_start(&[flag, home.path("with-worker").to_str().unwrap()], &[])
+            .err()
+            .expect("the worker token as an API token: refused");
+        assert!(!worker.status.success());
+        assert!(
+            worker
+                .stderr
+                .contains("an API token must not be the worker token"),
+            "{worker:?}"
+        );
+        assert!(worker.stderr.contains("line 2"), "{worker:?}");
+        assert!(!worker.stderr.contains(TEST_TOKEN), "{worker:?}");
+    }
+
+    write_secret(
+        home.path("shared"),
+        format!("{OPERATOR_TOKEN}\n{OBSERVER_TOKEN}\n"),
+    );
+    let both = home
+        .try_start(
+            &[
+                "--operator-tokens",
+                home.path("shared").to_str().unwrap(),
+                "--observer-tokens",
+                home.path("observer-tokens").to_str().unwrap(),
+            ],
+            &[],
+        )
+        .err()
+        .expect("one token in both roles: refused");
+    assert!(both.stderr.contains("both token files"), "{both:?}");
+    assert!(!both.stderr.contains(OBSERVER_TOKEN), "{both:?}");
+
+    write_secret(home.path("short"), "too-short-token\n");
+    let short = home
+        .try_start(
+            &["--observer-tokens", home.path("short").to_str().unwrap()],
+            &[],
+        )
+        .err()
+        .expect("a short token: refused");
+    assert!(short.stderr.contains("at least 32"), "{short:?}");
+    // The refusals came before the audit log was opened.
+    assert!(home.audit_log().is_empty());
+}
+
+#[test]
+fn serve_metrics_without_token_is_opt_in_and_refused_on_a_non_loopback_listen_address() {
+    let home = Home::new();
+    let closed = home.start(&[]);
+    assert_error(
+        &closed.call("GET", "/metrics", None, None),
+        401,
+        "unauthorized",
+    );
+    drop(closed);
+
+    let open = home.start(&["--metrics-without-token"]);
+    let metrics = open.call("GET", "/metrics", None, None);
+    assert_eq!(metrics.status, 200, "{}", metrics.text);
+    assert!(metrics.text.contains("vram_shards 0"), "{}", metrics.text);
+    // Only /metrics opens up.
+    assert_error(
+        &open.call("GET", "/v1/worker", None, None),
+        401,
+        "unauthorized",
+    );
+    assert_eq!(
+        open.call(
+            "GET",
+            "/metrics",
+            Some(&format!("Bearer {OBSERVER_TOKEN}")),
+            None
+        )
+        .status,
+        200
+    );
+    drop(open);
+
+    let refused = home
+        .try_start(&["--metrics-without-token", "--listen", "0.0.0.0:0"], &[])
+        .err()
+        .expect("--metrics-without-token on a non-loopback address: refused");
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("--metrics-without-token") && refused.stderr.contains("loopback"),
+        "{refused:?}"
+    );
 }
 
 #[test]
@@ -676,11 +1019,10 @@ fn serve_commit_verify_attest_evict_and_check_the_attestation_offline_vp_006_ci_
     assert!(!other_nonce.status.success());
     assert!(String::from_utf8_lossy(&other_nonce.stdout).contains("nonce"));
 
-    std::fs::write(
+    write_secret(
         home.path("other-token"),
         "another-token-0123456789abcdef012345",
-    )
-    .unwrap();
+    );
     let other_token = check(&file, &home.path("other-token"), &nonce);
     assert!(!other_token.status.success());
 
@@ -854,7 +1196,7 @@ fn serve_refuses_to_start_on_a_locked_or_tampered_audit_log() {
         .try_start(&[], &[])
         .err()
         .expect("a second writer must be refused");
-    assert!(second.contains("locked"), "{second}");
+    assert!(second.stderr.contains("locked"), "{second:?}");
     let (status, _) = first.terminate();
     assert!(status.success());
 
@@ -868,7 +1210,10 @@ fn serve_refuses_to_start_on_a_locked_or_tampered_audit_log() {
         .try_start(&[], &[])
         .err()
         .expect("a tampered log must be refused");
-    assert!(tampered.contains("does not verify at line 1"), "{tampered}");
+    assert!(
+        tampered.stderr.contains("does not verify at line 1"),
+        "{tampered:?}"
+    );
 }
 
 #[test]
@@ -895,6 +1240,8 @@ fn serve_refuses_to_start_without_a_token_or_with_the_missing_cuda_backend() {
             .arg(home.path("audit.log"))
             .arg("--token-file")
             .arg(home.path("token"))
+            .arg("--operator-tokens")
+            .arg(home.path("operator-tokens"))
             .args(["--backend", "cuda", "--listen", "127.0.0.1:0"])
             .output()
             .unwrap();
@@ -918,7 +1265,8 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
         .try_start(&["-vv"], &[("VRAM_RESIDENCY_TOKEN", TEST_TOKEN)])
         .unwrap();
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.pid())).unwrap_or_default();
-    assert!(!String::from_utf8_lossy(&cmdline).contains(TEST_TOKEN));
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(!cmdline.contains(TEST_TOKEN) && !cmdline.contains(OPERATOR_TOKEN));
 
     let mut seen = String::new();
     let mut keep = |reply: Reply| {
@@ -931,6 +1279,19 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
         "GET",
         "/v1/worker",
         Some(&format!("Bearer {TEST_TOKEN}0")),
+        None,
+    ));
+    // The worker token itself: refused, and audited without it.
+    keep(server.call(
+        "GET",
+        "/v1/worker",
+        Some(&format!("Bearer {TEST_TOKEN}")),
+        None,
+    ));
+    keep(server.call(
+        "POST",
+        "/v1/shards/leak/verify",
+        Some(&format!("Bearer {OBSERVER_TOKEN}")),
         None,
     ));
     keep(server.commit("a.bin", "leak"));
@@ -951,11 +1312,17 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
     seen.push_str(&stderr);
     seen.push_str(&home.audit_log());
 
-    // The token, its hash, and the three derived keys.
-    let mut secrets = vec![TEST_TOKEN.to_owned()];
-    {
+    // The worker token, the API tokens, their hashes, and the three derived keys.
+    let mut secrets = Vec::new();
+    for token in [
+        TEST_TOKEN,
+        OPERATOR_TOKEN,
+        OPERATOR_TOKEN_ROTATED,
+        OBSERVER_TOKEN,
+    ] {
         use sha2::Digest as _;
-        secrets.push(hex::encode(sha2::Sha256::digest(TEST_TOKEN.as_bytes())));
+        secrets.push(token.to_owned());
+        secrets.push(hex::encode(sha2::Sha256::digest(token.as_bytes())));
     }
     for info in ["seal", "audit", "attestation"] {
         let mut key = [0u8; 32];
@@ -971,10 +1338,9 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
     for secret in &secrets {
         assert!(!seen.contains(secret.as_str()), "a secret leaked");
     }
-    assert!(
-        !seen.contains(&TEST_TOKEN[..16]),
-        "part of the token leaked"
-    );
+    for token in [TEST_TOKEN, OPERATOR_TOKEN, OBSERVER_TOKEN] {
+        assert!(!seen.contains(&token[..16]), "part of a token leaked");
+    }
     // No pointer-like value (0x followed by 8+ hex digits) and no pointer field anywhere.
     let lower = seen.to_lowercase();
     for (i, _) in lower.match_indices("0x") {
@@ -1053,7 +1419,7 @@ fn audit_verify_reports_a_torn_tail_as_such_and_tampering_as_failure_with_the_li
 
     // Another token: the first record already fails.
     std::fs::write(home.path("audit.log"), &log).unwrap();
-    std::fs::write(home.path("token"), "another-token-0123456789abcdef012345").unwrap();
+    write_secret(home.path("token"), "another-token-0123456789abcdef012345");
     let text = String::from_utf8_lossy(&home.audit_verify().stdout).into_owned();
     assert!(
         text.starts_with("FAILED") && text.contains("line 1"),
@@ -1091,8 +1457,31 @@ fn openapi_documents_every_route() {
             );
         }
     }
+    // Each operation names, in `x-role`, the role the server requires of it.
+    for (path, method, role) in [
+        ("/v1/shards", "post", "operator"),
+        ("/v1/shards", "get", "observer"),
+        ("/v1/shards/{id}", "get", "observer"),
+        ("/v1/shards/{id}", "delete", "operator"),
+        ("/v1/shards/{id}/verify", "post", "operator"),
+        ("/v1/shards/{id}/attest", "post", "observer"),
+        ("/v1/worker", "get", "observer"),
+        ("/metrics", "get", "observer"),
+    ] {
+        let at = spec.find(&format!("\n  {path}:\n")).unwrap();
+        let section = &spec[at + 1..];
+        let section = &section[..section.find("\n  /").unwrap_or(section.len())];
+        let op = section.find(&format!("\n    {method}:\n")).unwrap();
+        let documented = section[op + 1..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("      "))
+            .any(|l| l == format!("      x-role: {role}"));
+        assert!(documented, "{method} {path} does not say x-role: {role}");
+    }
     for code in [
         "unauthorized",
+        "forbidden",
         "invalid_json",
         "invalid_model_path",
         "shard_not_found",

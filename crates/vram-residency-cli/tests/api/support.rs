@@ -16,6 +16,23 @@ pub fn token() -> WorkerToken {
     WorkerToken::from_bytes(TEST_TOKEN.as_bytes().to_vec()).unwrap()
 }
 
+/// Writes a secret file (a worker token, API tokens) readable and writable by its owner only (0600),
+/// as `serve` and the token readers require; `std::fs::write` would create it 0644 (with umask 022).
+pub fn write_secret(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) {
+    let path = path.as_ref();
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    file.write_all(contents.as_ref()).unwrap();
+    // An existing file keeps its mode on open: set it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// The known-answer pattern: byte i = (i * 0x9E3779B97F4A7C15 mod 2^64) >> 56.
 pub fn pattern(len: usize) -> Vec<u8> {
     (0..len as u64)
