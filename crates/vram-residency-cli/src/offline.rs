@@ -68,7 +68,8 @@ pub struct IdentityArgs {
 }
 
 fn parse_head(text: &str) -> Result<AuditHead, String> {
-    text.parse().map_err(|e: vram_residency::VramError| e.to_string())
+    text.parse()
+        .map_err(|e: vram_residency::VramError| e.to_string())
 }
 
 /// Reads a PEM public key file.
@@ -170,8 +171,8 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
     let key = read_public_key(public_key)?;
     let nonce = parse_nonce_hex(nonce)?;
     let text = read_small(file)?;
-    let verified = AttestationEnvelope::from_json(&text)
-        .and_then(|envelope| envelope.verify(&key, &nonce));
+    let verified =
+        AttestationEnvelope::from_json(&text).and_then(|envelope| envelope.verify(&key, &nonce));
     let attestation = match verified {
         Ok(attestation) => attestation,
         Err(error) => {

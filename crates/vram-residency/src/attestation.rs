@@ -223,7 +223,10 @@ impl Attestation {
         if predicate.verification.result != "verified" {
             return Err(malformed("unknown verification result"));
         }
-        let residency = match (predicate.residency.verdict.as_str(), &predicate.residency.detail) {
+        let residency = match (
+            predicate.residency.verdict.as_str(),
+            &predicate.residency.detail,
+        ) {
             ("device_memory", None) => Residency::DeviceMemory,
             ("simulated", None) => Residency::Simulated,
             ("violation", Some(detail)) => Residency::Violation(detail.clone()),
@@ -371,7 +374,10 @@ impl AttestationEnvelope {
     /// [`VramError::AttestationInvalid`] (signature, consistency, nonce) or
     /// [`VramError::MalformedRecord`] (a signed payload that is not a statement of ours).
     pub fn verify(&self, key: &PublicKey, expected_nonce: &[u8]) -> Result<Attestation> {
-        if key.verify_dsse(PAYLOAD_TYPE, &self.payload, &self.signature).is_err() {
+        if key
+            .verify_dsse(PAYLOAD_TYPE, &self.payload, &self.signature)
+            .is_err()
+        {
             let reason = if self.key_id == key.key_id() {
                 "the signature does not verify: the statement was changed".to_owned()
             } else {
@@ -618,7 +624,10 @@ mod tests {
                 payload: changed,
                 ..envelope.clone()
             };
-            assert!(forged.verify(&public, &[0xab; 16]).is_err(), "payload byte {i}");
+            assert!(
+                forged.verify(&public, &[0xab; 16]).is_err(),
+                "payload byte {i}"
+            );
         }
     }
 
@@ -626,7 +635,10 @@ mod tests {
     fn a_signed_but_inconsistent_statement_is_refused() {
         let public = token(TOKEN).public_key();
         let refuse = |a: Attestation, expect: &str| {
-            let err = signed(&a).verify(&public, &[0xab; 16]).unwrap_err().to_string();
+            let err = signed(&a)
+                .verify(&public, &[0xab; 16])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(expect), "{expect}: {err}");
         };
         let mut a = sample();
@@ -646,9 +658,15 @@ mod tests {
         let identity = token(TOKEN).derive_keys().identity;
         let statement = String::from_utf8(sample().statement_bytes().unwrap()).unwrap();
         for (from, to) in [
-            ("\"vram_bytes\":1048576,\"gpu", "\"vram_bytes\":1048575,\"gpu"),
+            (
+                "\"vram_bytes\":1048576,\"gpu",
+                "\"vram_bytes\":1048575,\"gpu",
+            ),
             ("\"name\":\"shard-a\"", "\"name\":\"shard-b\""),
-            ("\"model_ref\":\"llama-3-8b\"", "\"model_ref\":\"llama-3-70b\""),
+            (
+                "\"model_ref\":\"llama-3-8b\"",
+                "\"model_ref\":\"llama-3-70b\"",
+            ),
         ] {
             assert!(statement.contains(from), "{from}");
             let edited = statement.replacen(from, to, 1).into_bytes();
@@ -657,7 +675,10 @@ mod tests {
                 payload: edited,
                 key_id: identity.public_key().key_id(),
             };
-            let err = envelope.verify(&public, &[0xab; 16]).unwrap_err().to_string();
+            let err = envelope
+                .verify(&public, &[0xab; 16])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("canonical form"), "{from}: {err}");
         }
     }

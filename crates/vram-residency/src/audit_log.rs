@@ -480,8 +480,11 @@ struct Pending {
 
 impl Pending {
     fn matches(&self, declared: &DeclaredLine) -> bool {
-        (declared.skipped.line, declared.skipped.offset, declared.skipped.bytes)
-            == (self.line, self.offset, self.bytes)
+        (
+            declared.skipped.line,
+            declared.skipped.offset,
+            declared.skipped.bytes,
+        ) == (self.line, self.offset, self.bytes)
             && declared.sha256 == self.sha256
     }
 
@@ -619,11 +622,7 @@ impl AuditLog {
             ),
             std::fs::TryLockError::Error(e) => fail(format!("cannot lock: {e}")),
         })?;
-        let report = verify_log(
-            &mut BufReader::new(&file),
-            identity.public_key(),
-            None,
-        )?;
+        let report = verify_log(&mut BufReader::new(&file), identity.public_key(), None)?;
         if let Some(bad) = &report.bad {
             return Err(fail(format!(
                 "the existing file does not verify at line {} ({}); nothing was appended. Investigate \
@@ -888,7 +887,11 @@ mod tests {
         assert_eq!(report.head, head);
         assert_eq!(head.seq, 6);
         assert!(report.torn_tail.is_none());
-        let first = String::from_utf8_lossy(&bytes).lines().next().unwrap().to_owned();
+        let first = String::from_utf8_lossy(&bytes)
+            .lines()
+            .next()
+            .unwrap()
+            .to_owned();
         assert!(first.contains("\"event\":\"audit_log_created\""), "{first}");
         assert!(first.contains(&public().key_id()), "{first}");
         assert!(!report.ends_with_clean_shutdown());
@@ -910,7 +913,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for (name, content) in [
             ("empty.log", &b""[..]),
-            ("model.bin", &b"GGUF\x03\x00\x00\x00 not an audit log\n\x00\x01"[..]),
+            (
+                "model.bin",
+                &b"GGUF\x03\x00\x00\x00 not an audit log\n\x00\x01"[..],
+            ),
             ("text.log", &b"hello\nworld\n"[..]),
         ] {
             let path = dir.path().join(name);
@@ -920,7 +926,11 @@ mod tests {
             assert_eq!(report.records, 0);
             let err = AuditLog::open(&path, &token(), BackendKind::Sim).unwrap_err();
             assert!(err.to_string().contains("does not verify"), "{name}: {err}");
-            assert_eq!(std::fs::read(&path).unwrap(), content, "{name}: nothing appended");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                content,
+                "{name}: nothing appended"
+            );
         }
         assert!(verify(b"").bad.unwrap().reason.contains("empty"));
     }
@@ -975,21 +985,41 @@ mod tests {
         let path = dir.path().join("audit.log");
         let head = write_log(&path, 4);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(verify_log(&mut text.as_bytes(), &public(), Some(head)).unwrap().is_intact());
+        assert!(
+            verify_log(&mut text.as_bytes(), &public(), Some(head))
+                .unwrap()
+                .is_intact()
+        );
         // Cut the last two records at a line boundary: without a head this looks like a shorter log.
         let cut: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
         assert!(verify(cut.as_bytes()).is_intact());
         let report = verify_log(&mut cut.as_bytes(), &public(), Some(head)).unwrap();
         let bad = report.bad.unwrap();
-        assert!(bad.reason.contains("2 record(s) were cut off the end"), "{}", bad.reason);
+        assert!(
+            bad.reason.contains("2 record(s) were cut off the end"),
+            "{}",
+            bad.reason
+        );
         // A head with the right seq but another hash: the log was rewritten.
-        let forged = AuditHead { seq: 2, hash: [9; 32] };
-        let bad = verify_log(&mut text.as_bytes(), &public(), Some(forged)).unwrap().bad.unwrap();
+        let forged = AuditHead {
+            seq: 2,
+            hash: [9; 32],
+        };
+        let bad = verify_log(&mut text.as_bytes(), &public(), Some(forged))
+            .unwrap()
+            .bad
+            .unwrap();
         assert_eq!(bad.line, 2);
         assert!(bad.reason.contains("rewritten"), "{}", bad.reason);
         // An older head is fine: the log only grew after it.
-        let older = verify_log(&mut cut.as_bytes(), &public(), None).unwrap().head;
-        assert!(verify_log(&mut text.as_bytes(), &public(), Some(older)).unwrap().is_intact());
+        let older = verify_log(&mut cut.as_bytes(), &public(), None)
+            .unwrap()
+            .head;
+        assert!(
+            verify_log(&mut text.as_bytes(), &public(), Some(older))
+                .unwrap()
+                .is_intact()
+        );
     }
 
     #[test]
@@ -1009,7 +1039,10 @@ mod tests {
         assert!(report.is_intact());
         assert_eq!(report.records, 3);
         let tail = report.torn_tail.unwrap();
-        assert_eq!((tail.line, tail.offset, tail.bytes), (4, full.len() as u64, half as u64));
+        assert_eq!(
+            (tail.line, tail.offset, tail.bytes),
+            (4, full.len() as u64, half as u64)
+        );
 
         write_log(&path, 1);
         let bytes = std::fs::read(&path).unwrap();
@@ -1024,7 +1057,10 @@ mod tests {
         assert_eq!(report.recovered[0].declared_by, 4);
         let text = String::from_utf8_lossy(&bytes);
         assert!(text.contains("\"event\":\"audit_log_recovered\""), "{text}");
-        assert!(text.contains(&format!("{half} byte(s) after record 3 were cut")), "{text}");
+        assert!(
+            text.contains(&format!("{half} byte(s) after record 3 were cut")),
+            "{text}"
+        );
 
         // The skipped line cannot be edited afterwards: its hash is under the recovery record's signature.
         let mut edited = bytes.clone();

@@ -36,7 +36,10 @@ macro_rules! same {
 fn block(doc: &str, name: &str) -> Vec<String> {
     let marker = format!("<!-- example:{name} -->");
     let Some(after) = doc.split(&marker).nth(1) else {
-        assert!(std::env::var("PRINT_EXAMPLE").is_ok(), "no {marker} in the doc");
+        assert!(
+            std::env::var("PRINT_EXAMPLE").is_ok(),
+            "no {marker} in the doc"
+        );
         return Vec::new();
     };
     after
@@ -124,7 +127,10 @@ fn audit_log_worked_example_in_docs_is_recomputed_and_verifies_with_the_public_k
         if seq == 1 {
             let input = record_input(seq, &prev, &json).unwrap();
             print("record input 1", &hex::encode(&input));
-            same!(hex::encode(&input), compact_block(AUDIT_DOC, "audit-record-input"));
+            same!(
+                hex::encode(&input),
+                compact_block(AUDIT_DOC, "audit-record-input")
+            );
             print("record hash 1", &hex::encode(record_hash(&input)));
             same!(
                 hex::encode(record_hash(&input)),
@@ -137,7 +143,10 @@ fn audit_log_worked_example_in_docs_is_recomputed_and_verifies_with_the_public_k
     }
     let text = String::from_utf8(log.clone()).unwrap();
     print("log", &text);
-    same!(text.lines().collect::<Vec<_>>(), block(AUDIT_DOC, "audit-log"));
+    same!(
+        text.lines().collect::<Vec<_>>(),
+        block(AUDIT_DOC, "audit-log")
+    );
     let public = token().public_key();
     let head = AuditHead { seq: 3, hash: prev };
     print("head", &head.to_string());
@@ -174,7 +183,10 @@ fn attestation_worked_example_in_docs_is_recomputed_and_verifies_with_the_public
     let pem = keys.identity.public_key().to_pem();
     print("public key", &pem);
     print("key id", &keys.identity.public_key().key_id());
-    same!(pem.trim_end().lines().collect::<Vec<_>>(), block(ATTESTATION_DOC, "public-key"));
+    same!(
+        pem.trim_end().lines().collect::<Vec<_>>(),
+        block(ATTESTATION_DOC, "public-key")
+    );
     same!(
         keys.identity.public_key().key_id(),
         compact_block(ATTESTATION_DOC, "key-id")
@@ -184,20 +196,26 @@ fn attestation_worked_example_in_docs_is_recomputed_and_verifies_with_the_public
     let pretty: serde_json::Value = serde_json::from_slice(&statement).unwrap();
     print("statement", &serde_json::to_string_pretty(&pretty).unwrap());
     same!(
-        serde_json::to_string_pretty(&pretty).unwrap().lines().collect::<Vec<_>>(),
+        serde_json::to_string_pretty(&pretty)
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
         block(ATTESTATION_DOC, "statement")
     );
     let envelope = attestation.sign(&keys.identity).unwrap();
     let json = serde_json::to_string_pretty(&envelope.to_json()).unwrap();
     print("envelope", &json);
-    same!(json.lines().collect::<Vec<_>>(), block(ATTESTATION_DOC, "envelope"));
+    same!(
+        json.lines().collect::<Vec<_>>(),
+        block(ATTESTATION_DOC, "envelope")
+    );
     if std::env::var("PRINT_EXAMPLE").is_ok() {
         return;
     }
     // The documented envelope verifies with the documented public key, for its nonce only.
     let public = PublicKey::from_pem(&block(ATTESTATION_DOC, "public-key").join("\n")).unwrap();
-    let parsed = AttestationEnvelope::from_json(&block(ATTESTATION_DOC, "envelope").join("\n"))
-        .unwrap();
+    let parsed =
+        AttestationEnvelope::from_json(&block(ATTESTATION_DOC, "envelope").join("\n")).unwrap();
     let nonce: Vec<u8> = (0u8..16).collect();
     parsed.verify(&public, &nonce).unwrap();
     assert!(parsed.verify(&public, &[0u8; 16]).is_err());

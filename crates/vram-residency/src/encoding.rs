@@ -139,7 +139,10 @@ impl<'a> Decoder<'a> {
             .checked_add(n)
             .filter(|&end| end <= self.bytes.len())
             .ok_or_else(|| self.malformed("truncated"))?;
-        let out = self.bytes.get(self.at..end).ok_or_else(|| self.malformed("truncated"))?;
+        let out = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| self.malformed("truncated"))?;
         self.at = end;
         Ok(out)
     }

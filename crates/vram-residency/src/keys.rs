@@ -188,7 +188,11 @@ pub(crate) struct WorkerIdentity {
 
 impl fmt::Debug for WorkerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WorkerIdentity {{ key_id: {}, .. }}", self.public.key_id())
+        write!(
+            f,
+            "WorkerIdentity {{ key_id: {}, .. }}",
+            self.public.key_id()
+        )
     }
 }
 
@@ -224,7 +228,12 @@ impl WorkerIdentity {
 /// lengths as ASCII decimal (<https://github.com/secure-systems-lab/dsse/blob/master/protocol.md>).
 #[must_use]
 pub fn dsse_pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len().saturating_add(payload_type.len()).saturating_add(32));
+    let mut out = Vec::with_capacity(
+        payload
+            .len()
+            .saturating_add(payload_type.len())
+            .saturating_add(32),
+    );
     out.extend_from_slice(b"DSSEv1 ");
     out.extend_from_slice(payload_type.len().to_string().as_bytes());
     out.push(b' ');
@@ -287,9 +296,7 @@ impl PublicKey {
     pub fn to_pem(&self) -> String {
         use ed25519_dalek::pkcs8::EncodePublicKey as _;
         use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-        self.0
-            .to_public_key_pem(LineEnding::LF)
-            .unwrap_or_default()
+        self.0.to_public_key_pem(LineEnding::LF).unwrap_or_default()
     }
 
     /// Reads a PEM public key (`-----BEGIN PUBLIC KEY-----`, Ed25519).
@@ -311,7 +318,10 @@ impl PublicKey {
     #[must_use]
     pub fn key_id(&self) -> String {
         let hash = sha256(&self.to_der());
-        format!("ed25519:{}", hex::encode(hash.get(..16).unwrap_or_default()))
+        format!(
+            "ed25519:{}",
+            hex::encode(hash.get(..16).unwrap_or_default())
+        )
     }
 
     /// Checks an Ed25519 signature over a DSSE pre-authentication encoding (strict verification).
@@ -522,7 +532,9 @@ mod tests {
         );
         assert_eq!(
             format!("{keys:?}"),
-            format!("KeySet {{ seal: SealKey {{ .. }}, identity: WorkerIdentity {{ key_id: {id}, .. }} }}")
+            format!(
+                "KeySet {{ seal: SealKey {{ .. }}, identity: WorkerIdentity {{ key_id: {id}, .. }} }}"
+            )
         );
     }
 
@@ -556,17 +568,35 @@ mod tests {
     fn the_ed25519_identity_signs_dsse_and_only_its_public_key_verifies() {
         let keys = token().derive_keys();
         let public = keys.identity.public_key().clone();
-        let sig = keys.identity.sign_dsse("application/vnd.in-toto+json", b"{}");
-        assert!(public.verify_dsse("application/vnd.in-toto+json", b"{}", &sig).is_ok());
-        assert!(public.verify_dsse("application/vnd.in-toto+json", b"{ }", &sig).is_err());
+        let sig = keys
+            .identity
+            .sign_dsse("application/vnd.in-toto+json", b"{}");
+        assert!(
+            public
+                .verify_dsse("application/vnd.in-toto+json", b"{}", &sig)
+                .is_ok()
+        );
+        assert!(
+            public
+                .verify_dsse("application/vnd.in-toto+json", b"{ }", &sig)
+                .is_err()
+        );
         assert!(public.verify_dsse("text/plain", b"{}", &sig).is_err());
         let other = WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdeX".to_vec())
             .unwrap()
             .public_key();
-        assert!(other.verify_dsse("application/vnd.in-toto+json", b"{}", &sig).is_err());
+        assert!(
+            other
+                .verify_dsse("application/vnd.in-toto+json", b"{}", &sig)
+                .is_err()
+        );
         // An audit-record signature over the same bytes is not a DSSE signature (different input).
         let audit_sig = keys.identity.sign_audit_record(b"{}");
-        assert!(public.verify_dsse("application/vnd.in-toto+json", b"{}", &audit_sig).is_err());
+        assert!(
+            public
+                .verify_dsse("application/vnd.in-toto+json", b"{}", &audit_sig)
+                .is_err()
+        );
     }
 
     #[test]
@@ -587,7 +617,10 @@ mod tests {
         let der = public.to_der();
         assert_eq!(der.len(), 44);
         assert_eq!(&der[12..], &public.to_bytes());
-        assert!(PublicKey::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----").is_err());
+        assert!(
+            PublicKey::from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----")
+                .is_err()
+        );
         let id = public.key_id();
         assert!(id.starts_with("ed25519:") && id.len() == 8 + 32, "{id}");
     }
@@ -616,7 +649,10 @@ mod tests {
         for mode in [0o644, 0o640, 0o604, 0o660] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let err = WorkerToken::from_file(&path).unwrap_err().to_string();
-            assert!(err.contains(&format!("chmod 600 {}", path.display())), "{err}");
+            assert!(
+                err.contains(&format!("chmod 600 {}", path.display())),
+                "{err}"
+            );
             assert!(!err.contains("0123456789abcdef"), "{err}");
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vram_residency::{
     AttestationEnvelope, AuditSink, ModelsDir, SealOptions, SealView, SealedShard, ShardId,
-    VerifyReport,
-    VramError, VramManager, WorkerState,
+    VerifyReport, VramError, VramManager, WorkerState,
 };
 
 use super::auth::Access;

@@ -48,6 +48,12 @@ impl Home {
         std::fs::create_dir_all(models.join("sub")).unwrap();
         std::fs::create_dir_all(models.join("subdir")).unwrap();
         write_secret(dir.path().join("token"), format!("{TEST_TOKEN}\n"));
+        // What verifiers hold: the worker's public key (as `vram-residency identity` prints it).
+        std::fs::write(
+            dir.path().join("worker.pub"),
+            crate::support::token().public_key().to_pem(),
+        )
+        .unwrap();
         write_secret(
             dir.path().join("operator-tokens"),
             format!(
@@ -79,13 +85,20 @@ impl Home {
         std::fs::read_to_string(self.path("audit.log")).unwrap_or_default()
     }
 
-    /// `vram-residency audit verify` on this home's log.
+    /// `vram-residency audit verify` on this home's log, with the worker's public key only.
     pub fn audit_verify(&self) -> Output {
+        self.audit_verify_with(&self.path("worker.pub"), &[])
+    }
+
+    /// `vram-residency audit verify` on this home's log with `public_key` and `extra` arguments.
+    pub fn audit_verify_with(&self, public_key: &Path, extra: &[&str]) -> Output {
         bin()
             .args(["audit", "verify"])
             .arg(self.path("audit.log"))
-            .arg("--token-file")
-            .arg(self.path("token"))
+            .arg("--public-key")
+            .arg(public_key)
+            .args(extra)
+            .env_remove("VRAM_RESIDENCY_TOKEN")
             .output()
             .unwrap()
     }
@@ -987,25 +1000,40 @@ fn serve_commit_verify_attest_evict_and_check_the_attestation_offline_vp_006_ci_
     let nonce = "5a".repeat(32);
     let attested = server.post("/v1/shards/m/attest", &json!({ "nonce": nonce }));
     assert_eq!(attested.status, 200, "{}", attested.text);
-    assert_eq!(attested.json["backend"], "sim");
-    assert_eq!(attested.json["device"]["driver_version"], "sim");
-    assert_eq!(attested.json["residency"]["verdict"], "simulated");
-    assert_eq!(attested.json["shard"]["digest"], expected.as_str());
-    assert_eq!(attested.json["nonce"], nonce.as_str());
+    assert_eq!(attested.json["payloadType"], "application/vnd.in-toto+json");
+    let statement = statement_of(&attested.json);
+    let predicate = &statement["predicate"];
+    assert_eq!(statement["subject"][0]["name"], "m");
+    assert_eq!(
+        statement["subject"][0]["digest"]["fsverity-sha256"],
+        expected.trim_start_matches("sha256:")
+    );
+    assert_eq!(predicate["backend"], "sim");
+    assert_eq!(predicate["device"]["driver_version"], "sim");
+    assert_eq!(predicate["residency"]["verdict"], "simulated");
+    assert_eq!(predicate["seal"]["digest"], expected.as_str());
+    assert_eq!(predicate["nonce"], nonce.as_str());
+    // The attestation carries the audit head of that moment, and the worker publishes the same kind.
+    let head = predicate["audit_head"]["seq"].as_u64().unwrap();
+    assert!(head >= 4, "{predicate}");
+    let worker = server.get("/v1/worker").json;
+    assert!(worker["audit_head"]["seq"].as_u64().unwrap() >= head);
     let file = home.path("attestation.json");
     std::fs::write(&file, &attested.text).unwrap();
 
-    let check = |file: &Path, token: &Path, nonce: &str| {
+    // Verified offline with the public key alone (no token in the environment either).
+    let check = |file: &Path, key: &Path, nonce: &str| {
         bin()
             .args(["attest", "verify"])
             .arg(file)
-            .arg("--token-file")
-            .arg(token)
+            .arg("--public-key")
+            .arg(key)
             .args(["--nonce", nonce])
+            .env_remove("VRAM_RESIDENCY_TOKEN")
             .output()
             .unwrap()
     };
-    let ok = check(&file, &home.path("token"), &nonce);
+    let ok = check(&file, &home.path("worker.pub"), &nonce);
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(
         ok.status.success(),
@@ -1014,35 +1042,39 @@ fn serve_commit_verify_attest_evict_and_check_the_attestation_offline_vp_006_ci_
     );
     assert!(stdout.starts_with("OK"), "{stdout}");
     assert!(stdout.contains("NOT VRAM residency"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("audit head:   {head}:")),
+        "{stdout}"
+    );
 
-    let other_nonce = check(&file, &home.path("token"), &"5b".repeat(32));
+    let other_nonce = check(&file, &home.path("worker.pub"), &"5b".repeat(32));
     assert!(!other_nonce.status.success());
     assert!(String::from_utf8_lossy(&other_nonce.stdout).contains("nonce"));
 
-    write_secret(
-        home.path("other-token"),
-        "another-token-0123456789abcdef012345",
-    );
-    let other_token = check(&file, &home.path("other-token"), &nonce);
-    assert!(!other_token.status.success());
+    // Another worker's key refuses it.
+    let other =
+        vram_residency::WorkerToken::from_bytes(b"another-token-0123456789abcdef012345".to_vec())
+            .unwrap()
+            .public_key();
+    std::fs::write(home.path("other.pub"), other.to_pem()).unwrap();
+    let other_key = check(&file, &home.path("other.pub"), &nonce);
+    assert!(!other_key.status.success());
+    assert!(String::from_utf8_lossy(&other_key.stdout).contains("does not verify"));
 
-    let changed = attested.text.replace("org/model", "org/modeL");
-    assert_ne!(changed, attested.text);
-    std::fs::write(home.path("changed.json"), changed).unwrap();
-    assert!(
-        !check(&home.path("changed.json"), &home.path("token"), &nonce)
-            .status
-            .success()
-    );
-    let cuda = attested
-        .text
-        .replace("\"backend\":\"sim\"", "\"backend\":\"cuda\"");
-    std::fs::write(home.path("cuda.json"), cuda).unwrap();
-    assert!(
-        !check(&home.path("cuda.json"), &home.path("token"), &nonce)
-            .status
-            .success()
-    );
+    // An edited statement (re-encoded into the envelope, old signature kept) is refused.
+    for (from, to) in [
+        ("org/model", "org/modeL"),
+        ("\"backend\":\"sim\"", "\"backend\":\"cuda\""),
+    ] {
+        let edited = with_statement(&attested.json, |text| {
+            assert!(text.contains(from), "{from}");
+            text.replacen(from, to, 1)
+        });
+        let path = home.path("edited.json");
+        std::fs::write(&path, edited.to_string()).unwrap();
+        let out = check(&path, &home.path("worker.pub"), &nonce);
+        assert!(!out.status.success(), "{from}");
+    }
 
     let evicted = server.delete("/v1/shards/m");
     assert_eq!(evicted.status, 200, "{}", evicted.text);
@@ -1211,7 +1243,7 @@ fn serve_refuses_to_start_on_a_locked_or_tampered_audit_log() {
         .err()
         .expect("a tampered log must be refused");
     assert!(
-        tampered.stderr.contains("does not verify at line 1"),
+        tampered.stderr.contains("does not verify at line 2"),
         "{tampered:?}"
     );
 }
@@ -1417,14 +1449,175 @@ fn audit_verify_reports_a_torn_tail_as_such_and_tampering_as_failure_with_the_li
         "{text}"
     );
 
-    // Another token: the first record already fails.
+    // Another worker's public key: the first record already fails.
     std::fs::write(home.path("audit.log"), &log).unwrap();
-    write_secret(home.path("token"), "another-token-0123456789abcdef012345");
-    let text = String::from_utf8_lossy(&home.audit_verify().stdout).into_owned();
+    let other =
+        vram_residency::WorkerToken::from_bytes(b"another-token-0123456789abcdef012345".to_vec())
+            .unwrap()
+            .public_key();
+    std::fs::write(home.path("other.pub"), other.to_pem()).unwrap();
+    let text =
+        String::from_utf8_lossy(&home.audit_verify_with(&home.path("other.pub"), &[]).stdout)
+            .into_owned();
     assert!(
         text.starts_with("FAILED") && text.contains("line 1"),
         "{text}"
     );
+}
+
+/// The in-toto Statement inside a DSSE envelope (JSON).
+fn statement_of(envelope: &Value) -> Value {
+    use base64::Engine as _;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    serde_json::from_slice(&payload).unwrap()
+}
+
+/// The envelope with its statement's text edited (the signature left as it was).
+fn with_statement(envelope: &Value, edit: impl Fn(String) -> String) -> Value {
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let payload = engine
+        .decode(envelope["payload"].as_str().unwrap())
+        .unwrap();
+    let edited = edit(String::from_utf8(payload).unwrap());
+    let mut out = envelope.clone();
+    out["payload"] = Value::String(engine.encode(edited));
+    out
+}
+
+#[test]
+fn an_attestation_signature_verifies_with_openssl_and_the_pem_key_and_fails_with_another_key_vp_006()
+ {
+    if !crate::support::have_tool("openssl") {
+        crate::support::skip(
+            "an_attestation_signature_verifies_with_openssl",
+            "openssl not installed",
+        );
+        return;
+    }
+    let home = Home::new();
+    let server = home.start(&[]);
+    let committed = server.post(
+        "/v1/shards",
+        &json!({"model": "a.bin", "gpu": 0, "shard_id": "o"}),
+    );
+    assert_eq!(committed.status, 201, "{}", committed.text);
+    let nonce = "11".repeat(16);
+    let attested = server.post("/v1/shards/o/attest", &json!({ "nonce": nonce }));
+    assert_eq!(attested.status, 200, "{}", attested.text);
+    // The bytes openssl checks: DSSE's PAE, built here from the envelope as the DSSE spec says.
+    use base64::Engine as _;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let payload = engine
+        .decode(attested.json["payload"].as_str().unwrap())
+        .unwrap();
+    let payload_type = attested.json["payloadType"].as_str().unwrap();
+    let mut pae = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
+    pae.extend_from_slice(&payload);
+    std::fs::write(home.path("pae.bin"), &pae).unwrap();
+    let sig = engine
+        .decode(attested.json["signatures"][0]["sig"].as_str().unwrap())
+        .unwrap();
+    std::fs::write(home.path("sig.bin"), &sig).unwrap();
+    let openssl = |key: &str, input: &str| {
+        Command::new("openssl")
+            .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+            .arg(home.path(key))
+            .arg("-in")
+            .arg(home.path(input))
+            .arg("-sigfile")
+            .arg(home.path("sig.bin"))
+            .output()
+            .unwrap()
+    };
+    let ok = openssl("worker.pub", "pae.bin");
+    let text = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(
+        ok.status.success() && text.contains("Signature Verified Successfully"),
+        "{text}"
+    );
+    // The key the worker serves is the one `identity` prints.
+    let served = server.get("/v1/identity");
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        served.json["public_key_pem"].as_str().unwrap(),
+        std::fs::read_to_string(home.path("worker.pub")).unwrap()
+    );
+    // Another key, or a changed byte of the signed bytes: openssl refuses.
+    let other =
+        vram_residency::WorkerToken::from_bytes(b"another-token-0123456789abcdef012345".to_vec())
+            .unwrap()
+            .public_key();
+    std::fs::write(home.path("other.pub"), other.to_pem()).unwrap();
+    assert!(!openssl("other.pub", "pae.bin").status.success());
+    let mut changed = pae.clone();
+    let last = changed.len() - 2;
+    changed[last] ^= 1;
+    std::fs::write(home.path("changed.bin"), &changed).unwrap();
+    assert!(!openssl("worker.pub", "changed.bin").status.success());
+}
+
+#[test]
+fn audit_verify_expect_head_catches_a_cut_at_a_record_boundary_with_the_public_key_only() {
+    let home = Home::new();
+    let server = home.start(&[]);
+    for id in ["h1", "h2"] {
+        let committed = server.post(
+            "/v1/shards",
+            &json!({"model": "a.bin", "gpu": 0, "shard_id": id}),
+        );
+        assert_eq!(committed.status, 201, "{}", committed.text);
+    }
+    let head = server.get("/v1/worker").json["audit_head"]["head"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(server);
+    let log = home.audit_log();
+    let ok = home.audit_verify_with(&home.path("worker.pub"), &["--expect-head", &head]);
+    let text = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(ok.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("expected head {head}: present")),
+        "{text}"
+    );
+    // Cut the last record at its line boundary: still a valid-looking log without a head...
+    let lines: Vec<&str> = log.lines().collect();
+    let cut: String = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(home.path("audit.log"), &cut).unwrap();
+    let plain = home.audit_verify();
+    assert!(plain.status.success());
+    // ...but the head the verifier kept catches it.
+    let caught = home.audit_verify_with(&home.path("worker.pub"), &["--expect-head", &head]);
+    let text = String::from_utf8_lossy(&caught.stdout).into_owned();
+    assert!(!caught.status.success(), "{text}");
+    assert!(text.contains("were cut off the end"), "{text}");
+    // An empty file and a model file are not audit logs.
+    for content in [&b""[..], &b"GGUF\x03\x00\x00\x00"[..]] {
+        std::fs::write(home.path("audit.log"), content).unwrap();
+        let out = home.audit_verify();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !out.status.success() && text.starts_with("FAILED"),
+            "{text}"
+        );
+        let refused = home
+            .try_start(&[], &[])
+            .err()
+            .expect("serve must refuse it");
+        assert!(refused.stderr.contains("does not verify"), "{refused:?}");
+        assert_eq!(std::fs::read(home.path("audit.log")).unwrap(), content);
+    }
 }
 
 #[test]

@@ -181,3 +181,11 @@ pub fn gpu_serial() -> std::sync::MutexGuard<'static, ()> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// True when `tool` runs here (`tool version` exits 0): for oracles such as `openssl`.
+pub fn have_tool(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
