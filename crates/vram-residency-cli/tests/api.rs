@@ -28,5 +28,7 @@ mod properties;
 mod serve;
 #[path = "api/support.rs"]
 mod support;
+#[path = "api/threat_model.rs"]
+mod threat_model;
 #[path = "api/vectors.rs"]
 mod vectors;

@@ -27,6 +27,60 @@
 //! backend lives in its own crate, the only one allowed `unsafe`.
 //!
 //! Guarantees and their limits are stated in `docs/threat-model.md`.
+//!
+//! ## No forging power outside this crate
+//!
+//! The keys live inside the worker: the HMAC seal key and the Ed25519 identity are crate-private, and
+//! the only public key type is [`PublicKey`], which verifies. Code outside this crate cannot reach a
+//! key, sign or re-sign a record, or build a tag; each of these fails to compile (pinned by
+//! `compile_fail` doc tests):
+//!
+//! ```compile_fail
+//! // The derived keys are crate-private.
+//! let token = vram_residency::WorkerToken::from_bytes(vec![b'a'; 32]).unwrap();
+//! let _keys = token.derive_keys();
+//! ```
+//!
+//! ```compile_fail
+//! // A seal record cannot be signed (or re-signed after an edit) from outside.
+//! fn resign(record: &vram_residency::SealRecord, key: &vram_residency::keys::SealKey) {
+//!     let _ = record.sign(key);
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! // A tag cannot be built from chosen bytes.
+//! let _tag = vram_residency::keys::Tag([0u8; 32]);
+//! ```
+//!
+//! ```compile_fail
+//! // Tags have no `==` (they are only checked in constant time, by the worker).
+//! fn same(a: &vram_residency::keys::Tag, b: &vram_residency::keys::Tag) -> bool {
+//!     a == b
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! // The manager does not hand out its keys.
+//! fn keys(manager: &vram_residency::VramManager) {
+//!     let _ = manager.keys();
+//! }
+//! ```
+//!
+//! ```compile_fail
+//! // The worker's signing identity is not reachable; a public key cannot sign.
+//! fn sign(public: &vram_residency::PublicKey) {
+//!     let _ = public.sign_dsse("application/vnd.in-toto+json", b"{}");
+//! }
+//! ```
+//!
+//! The same code with what *is* public compiles (so the tests above fail for the reason they name):
+//!
+//! ```
+//! let token = vram_residency::WorkerToken::from_bytes(vec![b'a'; 32]).unwrap();
+//! let public: vram_residency::PublicKey = token.public_key();
+//! assert!(public.key_id().starts_with("ed25519:"));
+//! ```
 #![forbid(unsafe_code)]
 // Tests may unwrap and index; library code is linted without this (clippy's non-test pass).
 #![cfg_attr(

@@ -19,7 +19,7 @@ const BOUND: Duration = Duration::from_secs(60);
 const MIB: usize = 1 << 20;
 
 /// API tokens of the test homes: two operator tokens (a rotation in progress) and one observer token.
-const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef0123456789";
+pub const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef0123456789";
 const OPERATOR_TOKEN_ROTATED: &str = "operator-token-rotated-0123456789abcdef01";
 const OBSERVER_TOKEN: &str = "observer-token-0123456789abcdef0123456789";
 
