@@ -24,6 +24,7 @@ random model file of SIZE bytes first (DIR must be the server's models directory
 """
 
 import argparse
+import base64
 import http.client
 import ipaddress
 import json
@@ -166,7 +167,13 @@ def worker_loop(args, host, port, token, prefix, index, deadline, stats):
             "POST", f"/v1/shards/{shard_id}/attest", {"nonce": nonce}
         )
         if stats.record("attest", status, body, elapsed, 200):
-            if body.get("nonce") != nonce or body.get("verification", {}).get("result") != "verified":
+            # A DSSE envelope: the statement is the base64 payload (its signature is checked offline
+            # with `vram-residency attest verify --public-key`; here only its content).
+            try:
+                predicate = json.loads(base64.b64decode(body.get("payload", "")))["predicate"]
+            except (ValueError, KeyError, TypeError):
+                predicate = {}
+            if predicate.get("nonce") != nonce or predicate.get("verification", {}).get("result") != "verified":
                 with stats.lock:
                     stats.errors["attest wrong content"] = stats.errors.get("attest wrong content", 0) + 1
         status, body, elapsed = client.request("DELETE", f"/v1/shards/{shard_id}")

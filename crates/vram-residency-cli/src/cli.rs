@@ -237,7 +237,7 @@ fn parse_shard_id(s: &str) -> Result<ShardId, String> {
 
 fn parse_digest(s: &str) -> Result<Digest, String> {
     s.parse()
-        .map_err(|e: vram_residency::VramError| e.to_string())
+        .map_err(|e: vram_residency::ids::InvalidDigest| e.to_string())
 }
 
 /// Parses a byte count: a plain number, or a number with B, KB/MB/GB/TB (powers of 1000) or

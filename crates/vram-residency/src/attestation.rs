@@ -38,9 +38,9 @@ use crate::audit::AuditHead;
 use crate::backend::{BackendKind, Residency};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
+use crate::ids::format_uuid;
 use crate::keys::{PublicKey, Tag, WorkerIdentity, dsse_pae};
 use crate::seal::SealRecord;
-use crate::shard::format_uuid;
 
 /// DSSE `payloadType` of an in-toto Statement.
 pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
@@ -244,7 +244,7 @@ impl Attestation {
                 .verification
                 .digest
                 .parse()
-                .map_err(|e: VramError| malformed(&e.to_string()))?,
+                .map_err(|e: crate::ids::InvalidDigest| malformed(&e.to_string()))?,
             verified_bytes: predicate.verification.vram_bytes,
             verify_elapsed_ns: predicate.verification.elapsed_ns,
             audit_head: predicate
@@ -533,8 +533,8 @@ fn hex32(text: &str, field: &str) -> Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::ShardId;
     use crate::keys::WorkerToken;
-    use crate::shard::ShardId;
 
     const TOKEN: &[u8] = b"0123456789abcdef0123456789abcdef";
 

@@ -11,8 +11,8 @@ use std::sync::{Mutex, PoisonError};
 
 use crate::backend::BackendKind;
 use crate::digest::Digest;
-use crate::error::{ByteRange, Result};
-use crate::shard::ShardId;
+use crate::error::Result;
+use crate::ids::{ByteRange, ShardId};
 
 /// How bad an event is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]

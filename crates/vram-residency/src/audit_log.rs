@@ -56,8 +56,8 @@ use crate::audit::{AuditEntry, AuditEvent, AuditHead, AuditSink};
 use crate::backend::BackendKind;
 use crate::encoding::Encoder;
 use crate::error::{Result, VramError};
+use crate::ids::unix_nanos;
 use crate::keys::{PublicKey, WorkerIdentity, WorkerToken};
-use crate::shard::unix_nanos;
 
 /// Domain-separation tag at the start of every record's signed bytes.
 pub const AUDIT_DOMAIN: &str = "vram-residency/audit-record/v2";
@@ -837,7 +837,7 @@ impl AuditSink for AuditLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::ShardId;
+    use crate::ids::ShardId;
 
     fn token() -> WorkerToken {
         WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap()

@@ -157,7 +157,7 @@ fn serialize_uuid<S: serde::Serializer>(
     uuid: &[u8; 16],
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_str(&crate::shard::format_uuid(uuid))
+    s.collect_str(&crate::ids::format_uuid(uuid))
 }
 
 /// Opaque identifier of one allocation: a counter within its backend, never an address.

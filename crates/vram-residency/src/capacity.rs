@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Result, VramError};
-use crate::shard::ShardId;
+use crate::ids::ShardId;
 
 #[derive(Debug)]
 struct DeviceState {

@@ -13,12 +13,12 @@
 
 use std::fmt;
 use std::io::Read;
-use std::str::FromStr;
 
 use rayon::prelude::*;
 use sha2::{Digest as _, Sha256};
 
-use crate::error::{ByteRange, Result, VramError};
+use crate::error::{Result, VramError};
+use crate::ids::ByteRange;
 
 /// fs-verity block size used here (`log_blocksize = 12`).
 pub const BLOCK_SIZE: usize = 4096;
@@ -37,79 +37,7 @@ const STREAM_CHUNK: usize = 64 * LEVEL1_SPAN; // 32 MiB
 /// A 32-byte SHA-256 hash value (a tree node, a level-1 hash, a root hash).
 pub type Hash32 = [u8; HASH_SIZE];
 
-/// An fs-verity SHA-256 file digest. Public data: comparable, hashable, printed as `sha256:<hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(Hash32);
-
-impl Digest {
-    /// Wraps 32 raw bytes.
-    #[must_use]
-    pub const fn from_bytes(bytes: Hash32) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw 32 bytes.
-    #[must_use]
-    pub const fn as_bytes(&self) -> &Hash32 {
-        &self.0
-    }
-
-    /// 64 lowercase hex digits, without the `sha256:` prefix.
-    #[must_use]
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.to_hex())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for Digest {
-    type Err = VramError;
-
-    /// Parses `sha256:<64 hex digits>` (IV-004, IV-005). Upper-case hex is accepted and normalised.
-    fn from_str(input: &str) -> Result<Self> {
-        let invalid = |reason: &'static str| VramError::InvalidDigest {
-            input: input.chars().take(80).collect(),
-            reason,
-        };
-        if input.contains('\0') {
-            return Err(invalid("contains a NUL byte"));
-        }
-        let hex_part = input
-            .strip_prefix("sha256:")
-            .ok_or_else(|| invalid("missing the 'sha256:' prefix"))?;
-        if hex_part.len() != 2 * HASH_SIZE {
-            return Err(invalid("the hash must be exactly 64 hex digits"));
-        }
-        let mut bytes = [0u8; HASH_SIZE];
-        hex::decode_to_slice(hex_part, &mut bytes)
-            .map_err(|_| invalid("the hash contains a character that is not a hex digit"))?;
-        Ok(Self(bytes))
-    }
-}
-
-impl serde::Serialize for Digest {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Digest {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use crate::ids::{Digest, InvalidDigest};
 
 /// The outcome of hashing a byte source: the file digest plus what is needed to localise damage.
 #[derive(Clone, PartialEq, Eq)]
@@ -324,7 +252,7 @@ fn descriptor_digest(root_hash: &Hash32, data_size: u64) -> Digest {
     descriptor[8..16].copy_from_slice(&data_size.to_le_bytes());
     // root_hash[64]: the 32-byte SHA-256 root, zero-padded; salt[32] and reserved[144] stay zero.
     descriptor[16..16 + HASH_SIZE].copy_from_slice(root_hash);
-    Digest(Sha256::digest(descriptor).into())
+    Digest::from_bytes(Sha256::digest(descriptor).into())
 }
 
 /// Digest of an in-memory byte slice, in parallel on all cores.
@@ -564,7 +492,7 @@ mod tests {
             String::new(),
         ] {
             assert!(
-                matches!(bad.parse::<Digest>(), Err(VramError::InvalidDigest { .. })),
+                matches!(bad.parse::<Digest>(), Err(crate::ids::InvalidDigest { .. })),
                 "{bad:?}"
             );
         }

@@ -9,9 +9,9 @@ use crate::audit::{AuditEntry, AuditEvent, AuditHead, Severity};
 use crate::audit_log::{GENESIS_HASH, record_hash, record_input, verify_log};
 use crate::backend::{BackendKind, Residency};
 use crate::digest::Digest;
+use crate::ids::ShardId;
 use crate::keys::{PublicKey, Tag, WorkerToken};
 use crate::seal::SealRecord;
-use crate::shard::ShardId;
 
 const EXAMPLE_TOKEN: &[u8] = b"example-worker-token-0123456789abcdef";
 

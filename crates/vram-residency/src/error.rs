@@ -9,24 +9,9 @@
 
 use std::path::PathBuf;
 
-use crate::digest::Digest;
 use crate::format::ModelFormatError;
-use crate::shard::ShardId;
-
-/// A byte range of a shard (`start..end`, in bytes from the start of the shard).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ByteRange {
-    /// First byte of the range.
-    pub start: u64,
-    /// One past the last byte of the range.
-    pub end: u64,
-}
-
-impl std::fmt::Display for ByteRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#x}..{:#x}", self.start, self.end)
-    }
-}
+pub use crate::ids::ByteRange;
+use crate::ids::{Digest, InvalidDigest, InvalidShardId, ShardId};
 
 /// Everything that can go wrong in vram-residency.
 #[derive(Debug, thiserror::Error)]
@@ -337,5 +322,22 @@ mod tests {
         assert!(msg.contains("100 bytes needed"), "{msg}");
         assert!(msg.contains("40 bytes available"), "{msg}");
         assert!(msg.contains("evict"), "{msg}");
+    }
+}
+
+impl From<InvalidShardId> for VramError {
+    fn from(error: InvalidShardId) -> Self {
+        Self::InvalidShardId {
+            reason: error.reason,
+        }
+    }
+}
+
+impl From<InvalidDigest> for VramError {
+    fn from(error: InvalidDigest) -> Self {
+        Self::InvalidDigest {
+            input: error.input,
+            reason: error.reason,
+        }
     }
 }

@@ -106,6 +106,7 @@ mod doc_examples;
 pub mod encoding;
 pub mod error;
 pub mod format;
+pub mod ids;
 pub mod keys;
 pub mod manager;
 pub mod models_dir;

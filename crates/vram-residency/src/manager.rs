@@ -24,9 +24,10 @@ use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
 use crate::format::{TensorTable, read_tensor_table, read_tensor_table_from_bytes};
+use crate::ids::{ShardId, from_unix_nanos, unix_nanos};
 use crate::keys::{KeySet, PublicKey, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
-use crate::shard::{SealedShard, ShardId, from_unix_nanos, unix_nanos};
+use crate::shard::SealedShard;
 
 /// Default maximum model size: 100 GB (IV-001, RP-003).
 pub const DEFAULT_MAX_MODEL_BYTES: u64 = 100_000_000_000;

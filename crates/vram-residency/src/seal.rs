@@ -27,8 +27,8 @@ use crate::backend::BackendKind;
 use crate::digest::Digest;
 use crate::encoding::{Decoder, Encoder};
 use crate::error::{Result, VramError};
+use crate::ids::ShardId;
 use crate::keys::{SealKey, Tag};
-use crate::shard::ShardId;
 
 /// Domain-separation tag at the start of every seal record.
 pub const SEAL_DOMAIN: &str = "vram-residency/seal-record/v2";

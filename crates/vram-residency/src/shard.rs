@@ -1,111 +1,18 @@
-//! Shard identity and the sealed-shard handle.
+//! The sealed-shard handle and its public view. Shard ids, times and UUID formatting live in
+//! [`crate::ids`] (re-exported here).
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use crate::backend::{AllocationId, BackendKind, DeviceBuffer};
 use crate::capacity::Reservation;
 use crate::digest::{Digest, TreeDigest};
-use crate::error::{ByteRange, Result, VramError};
 use crate::format::{ModelFormat, TensorTable};
+pub use crate::ids::{
+    ByteRange, InvalidShardId, MAX_SHARD_ID_LEN, ShardId, format_uuid, from_unix_nanos, unix_nanos,
+};
 use crate::keys::Tag;
 use crate::seal::SealRecord;
-
-/// Longest shard id accepted (IV-003).
-pub const MAX_SHARD_ID_LEN: usize = 256;
-
-/// A validated shard identifier: 1 to 256 characters of `A-Z a-z 0-9 - _` (IV-003, IV-005). This
-/// excludes NUL, `/`, `.` and therefore `..`, so an id is always safe as a file-name component.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(transparent)]
-pub struct ShardId(String);
-
-impl ShardId {
-    /// Validates a caller-chosen id.
-    ///
-    /// # Errors
-    /// [`VramError::InvalidShardId`] with the reason.
-    pub fn new(id: &str) -> Result<Self> {
-        let refuse = |reason| Err(VramError::InvalidShardId { reason });
-        if id.is_empty() {
-            return refuse("it is empty");
-        }
-        if id.len() > MAX_SHARD_ID_LEN {
-            return refuse("it is longer than 256 characters");
-        }
-        if id.contains('\0') {
-            return refuse("it contains a NUL byte");
-        }
-        if id.contains('/') || id.contains('\\') {
-            return refuse("it contains a path separator");
-        }
-        if !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return refuse("it contains a character other than A-Z a-z 0-9 '-' '_'");
-        }
-        Ok(Self(id.to_owned()))
-    }
-
-    /// A fresh random id, `shard-` followed by 32 hex digits (128 random bits).
-    #[must_use]
-    pub fn generate() -> Self {
-        let mut random = [0u8; 16];
-        if getrandom::fill(&mut random).is_err() {
-            // No OS randomness: fall back to time and a process-wide counter, still unique here.
-            static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let t = u64::try_from(t & u128::from(u64::MAX)).unwrap_or_default();
-            random[..8].copy_from_slice(&n.to_be_bytes());
-            random[8..].copy_from_slice(&t.to_be_bytes());
-        }
-        Self(format!("shard-{}", hex::encode(random)))
-    }
-
-    /// The id as text.
-    #[must_use]
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ShardId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for ShardId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-impl std::str::FromStr for ShardId {
-    type Err = VramError;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::new(s)
-    }
-}
-
-/// Nanoseconds since the Unix epoch, saturating (0 before the epoch).
-#[must_use]
-pub fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-/// The time `ns` nanoseconds after the Unix epoch.
-#[must_use]
-pub fn from_unix_nanos(ns: u64) -> SystemTime {
-    UNIX_EPOCH
-        .checked_add(Duration::from_nanos(ns))
-        .unwrap_or(UNIX_EPOCH)
-}
 
 /// A model shard resident in device memory under a seal.
 ///
@@ -340,21 +247,6 @@ impl SealView {
     }
 }
 
-/// Formats 16 bytes as `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-#[must_use]
-pub fn format_uuid(bytes: &[u8; 16]) -> String {
-    let h = hex::encode(bytes);
-    let part = |a: usize, b: usize| h.get(a..b).unwrap_or_default();
-    format!(
-        "{}-{}-{}-{}-{}",
-        part(0, 8),
-        part(8, 12),
-        part(12, 16),
-        part(16, 20),
-        part(20, 32)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +266,7 @@ mod tests {
             "ä".to_owned(),
         ] {
             assert!(
-                matches!(ShardId::new(&bad), Err(VramError::InvalidShardId { .. })),
+                matches!(ShardId::new(&bad), Err(crate::ids::InvalidShardId { .. })),
                 "{bad:?}"
             );
         }

@@ -126,6 +126,18 @@ pub fn classify(error: &VramError) -> (StatusCode, &'static str) {
     }
 }
 
+impl From<vram_residency::ids::InvalidShardId> for ApiError {
+    fn from(error: vram_residency::ids::InvalidShardId) -> Self {
+        VramError::from(error).into()
+    }
+}
+
+impl From<vram_residency::ids::InvalidDigest> for ApiError {
+    fn from(error: vram_residency::ids::InvalidDigest) -> Self {
+        VramError::from(error).into()
+    }
+}
+
 impl From<VramError> for ApiError {
     fn from(error: VramError) -> Self {
         let (status, code) = classify(&error);

@@ -214,7 +214,7 @@ fn bad_input_is_refused_with_a_clear_error_and_no_state_change_iv_001_to_005() {
     for bad_id in ["", "a/b", "..", "a\0b", &"x".repeat(257)] {
         assert!(matches!(
             ShardId::new(bad_id),
-            Err(VramError::InvalidShardId { .. })
+            Err(vram_residency::ids::InvalidShardId { .. })
         ));
     }
     assert_eq!(w.manager.used_vram(0).unwrap(), 0);

@@ -7,6 +7,10 @@ use serde_json::{Value, json};
 use crate::serve::{Home, OPERATOR_TOKEN};
 use crate::support::{TEST_TOKEN, bin, write_secret};
 
+/// The worker token of the attacker's own worker (its API token files are this home's, so it must
+/// differ from them: a worker refuses an API token equal to its worker token).
+const ROGUE_TOKEN: &str = "attacker-token-0123456789abcdef0123456789";
+
 fn attest_verify(home: &Home, file: &str, nonce: &str) -> (bool, String) {
     let out = bin()
         .args(["attest", "verify"])
@@ -81,10 +85,10 @@ fn an_operator_token_holder_cannot_mint_an_attestation_by_following_the_docs() {
     let (ok, out) = attest_verify(&home, "edited.json", &nonce);
     assert!(!ok && out.contains("does not verify"), "{out}");
 
-    // 3. The attacker runs a worker of its own with a token it knows (here: its operator token) and
-    //    gets a genuine-looking attestation for a shard it chose: signed by the wrong key.
+    // 3. The attacker runs a worker of its own with a worker token it chose and gets a genuine-looking
+    //    attestation for a shard it chose: signed by the wrong key.
     let rogue = Home::new();
-    write_secret(rogue.path("token"), OPERATOR_TOKEN);
+    write_secret(rogue.path("token"), ROGUE_TOKEN);
     let rogue_server = rogue.start(&[]);
     assert_eq!(rogue_server.commit("a.bin", "real").status, 201);
     let rogue_att = rogue_server.post("/v1/shards/real/attest", &json!({ "nonce": nonce }));
@@ -113,7 +117,7 @@ fn an_operator_token_holder_cannot_rewrite_the_audit_log() {
 
     // A log written by the attacker's own worker (its own key), with the same kind of records.
     let rogue = Home::new();
-    write_secret(rogue.path("token"), OPERATOR_TOKEN);
+    write_secret(rogue.path("token"), ROGUE_TOKEN);
     let rogue_server = rogue.start(&[]);
     assert_eq!(rogue_server.commit("a.bin", "s").status, 201);
     drop(rogue_server);
