@@ -201,7 +201,7 @@ fn bench_size(
         verify_times.push(started.elapsed().as_secs_f64());
     }
     verify_times.sort_by(f64::total_cmp);
-    let gpu_digest = shard.digest;
+    let gpu_digest = shard.record.digest;
     manager.deallocate(shard)?;
 
     let (mut seed_seal_gbps, mut seed_verify_gbps) = (None, None);

@@ -68,7 +68,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let view = shard.view();
     detail(&format!(
         "sealed {} in {:.3} s",
-        shard.shard_id,
+        shard.record.shard_id,
         started.elapsed().as_secs_f64()
     ));
     detail(&format!("backend: {}", view.backend));
@@ -111,7 +111,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     })?;
     detail(&format!(
         "closure saw {} bytes; first 8: {}",
-        shard.vram_bytes,
+        shard.record.vram_bytes,
         first_bytes.unwrap_or_else(|| "(device memory)".to_owned())
     ));
 
@@ -194,7 +194,7 @@ fn corruption_story(
     data_offset: u64,
 ) -> anyhow::Result<(u64, bool)> {
     let mut ok = true;
-    let model_len = shard.vram_bytes;
+    let model_len = shard.record.vram_bytes;
     let bit = data_offset.saturating_mul(8).saturating_add(random_below(
         model_len.saturating_sub(data_offset).saturating_mul(8),
     )?);

@@ -289,6 +289,23 @@ fn name_list(names: &[String]) -> String {
 /// Result alias used throughout the crate.
 pub type Result<T, E = VramError> = std::result::Result<T, E>;
 
+impl From<InvalidShardId> for VramError {
+    fn from(error: InvalidShardId) -> Self {
+        Self::InvalidShardId {
+            reason: error.reason,
+        }
+    }
+}
+
+impl From<InvalidDigest> for VramError {
+    fn from(error: InvalidDigest) -> Self {
+        Self::InvalidDigest {
+            input: error.input,
+            reason: error.reason,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,22 +339,5 @@ mod tests {
         assert!(msg.contains("100 bytes needed"), "{msg}");
         assert!(msg.contains("40 bytes available"), "{msg}");
         assert!(msg.contains("evict"), "{msg}");
-    }
-}
-
-impl From<InvalidShardId> for VramError {
-    fn from(error: InvalidShardId) -> Self {
-        Self::InvalidShardId {
-            reason: error.reason,
-        }
-    }
-}
-
-impl From<InvalidDigest> for VramError {
-    fn from(error: InvalidDigest) -> Self {
-        Self::InvalidDigest {
-            input: error.input,
-            reason: error.reason,
-        }
     }
 }

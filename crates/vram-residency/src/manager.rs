@@ -24,7 +24,7 @@ use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
 use crate::format::{TensorTable, read_tensor_table, read_tensor_table_from_bytes};
-use crate::ids::{ShardId, from_unix_nanos, unix_nanos};
+use crate::ids::{ShardId, unix_nanos};
 use crate::keys::{KeySet, PublicKey, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
 use crate::shard::SealedShard;
@@ -531,16 +531,7 @@ impl VramManager {
         };
         let tag = record.sign(&self.keys.seal)?;
         let shard = SealedShard {
-            shard_id: record.shard_id,
-            gpu_device: gpu,
-            vram_bytes: len,
-            digest: record.digest,
-            sealed_at: from_unix_nanos(sealed_at_ns),
-            model_ref: record.model_ref,
-            shard_index: record.shard_index,
-            total_shards: record.total_shards,
-            device_uuid: record.device_uuid,
-            backend: record.backend,
+            record,
             tensor_table: opts.tensor_table.clone(),
             tag,
             sealed_tree: tree,
@@ -550,11 +541,11 @@ impl VramManager {
         };
         // Fails closed: if the seal cannot be audited, the shard is dropped (memory freed).
         self.audit(AuditEvent::VramSealed {
-            shard_id: shard.shard_id.clone(),
+            shard_id: shard.record.shard_id.clone(),
             gpu,
             vram_bytes: len,
-            digest: shard.digest,
-            model_ref: shard.model_ref.clone(),
+            digest: shard.record.digest,
+            model_ref: shard.record.model_ref.clone(),
         })?;
         Ok(shard)
     }
@@ -571,37 +562,37 @@ impl VramManager {
         let started = Instant::now();
         self.check_owner(shard)?;
         self.check_seal(shard)?;
-        let residency = self.check_residency(shard.gpu_device, shard.buffer.residency()?)?;
+        let residency = self.check_residency(shard.record.gpu_device, shard.buffer.residency()?)?;
         let now = shard.buffer.tree_digest()?;
-        if now.digest() != shard.digest {
+        if now.digest() != shard.record.digest {
             let damaged = shard.sealed_tree.damaged_ranges(&now);
             let tensors = shard.tensors_in(&damaged);
             return Err(self.incident(
                 AuditEvent::SealVerificationFailed {
-                    shard_id: shard.shard_id.clone(),
-                    gpu: shard.gpu_device,
+                    shard_id: shard.record.shard_id.clone(),
+                    gpu: shard.record.gpu_device,
                     kind: FailureKind::Corruption,
                     damaged: damaged.clone(),
                     tensors: tensors.clone(),
                 },
                 VramError::Corruption {
-                    shard_id: shard.shard_id.clone(),
+                    shard_id: shard.record.shard_id.clone(),
                     damaged,
                     tensors,
                 },
             ));
         }
         self.audit(AuditEvent::SealVerified {
-            shard_id: shard.shard_id.clone(),
-            gpu: shard.gpu_device,
-            vram_bytes: shard.vram_bytes,
+            shard_id: shard.record.shard_id.clone(),
+            gpu: shard.record.gpu_device,
+            vram_bytes: shard.record.vram_bytes,
         })?;
         Ok(VerifyReport {
-            shard_id: shard.shard_id.clone(),
+            shard_id: shard.record.shard_id.clone(),
             digest: now.digest(),
-            vram_bytes: shard.vram_bytes,
+            vram_bytes: shard.record.vram_bytes,
             elapsed: started.elapsed(),
-            backend: shard.backend,
+            backend: shard.record.backend,
             residency,
         })
     }
@@ -632,9 +623,9 @@ impl VramManager {
         self.ensure_running()?;
         validate_nonce(nonce)?;
         let report = self.verify_sealed(shard)?;
-        let device = self.device(shard.gpu_device)?;
+        let device = self.device(shard.record.gpu_device)?;
         let attestation = Attestation {
-            record: shard.record(),
+            record: shard.record.clone(),
             seal_tag: shard.tag,
             device_name: device.name.clone(),
             driver_version: self.backend.driver_version()?,
@@ -661,9 +652,9 @@ impl VramManager {
         self.check_owner(&shard)?;
         self.check_seal(&shard)?;
         let event = AuditEvent::VramDeallocated {
-            shard_id: shard.shard_id.clone(),
-            gpu: shard.gpu_device,
-            bytes: shard.vram_bytes,
+            shard_id: shard.record.shard_id.clone(),
+            gpu: shard.record.gpu_device,
+            bytes: shard.record.vram_bytes,
         };
         drop(shard);
         self.audit(event)
@@ -682,27 +673,27 @@ impl VramManager {
             Ok(())
         } else {
             Err(VramError::ForeignShard {
-                shard_id: shard.shard_id.clone(),
+                shard_id: shard.record.shard_id.clone(),
             })
         }
     }
 
-    /// The seal's HMAC over the handle's current fields, in constant time (CI-003). A failure is
+    /// The seal's HMAC over the handle's current record, in constant time (CI-003). A failure is
     /// forgery: audited critical, and the worker stops.
     fn check_seal(&self, shard: &SealedShard) -> Result<()> {
-        if shard.record().verify(&self.keys.seal, &shard.tag).is_ok() {
+        if shard.record.verify(&self.keys.seal, &shard.tag).is_ok() {
             return Ok(());
         }
         Err(self.incident(
             AuditEvent::SealVerificationFailed {
-                shard_id: shard.shard_id.clone(),
-                gpu: shard.gpu_device,
+                shard_id: shard.record.shard_id.clone(),
+                gpu: shard.record.gpu_device,
                 kind: FailureKind::Forgery,
                 damaged: Vec::new(),
                 tensors: Vec::new(),
             },
             VramError::SealForgery {
-                shard_id: shard.shard_id.clone(),
+                shard_id: shard.record.shard_id.clone(),
             },
         ))
     }

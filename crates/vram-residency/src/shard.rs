@@ -16,33 +16,19 @@ use crate::seal::SealRecord;
 
 /// A model shard resident in device memory under a seal.
 ///
-/// The public fields are the seed's; they are covered by the seal, so changing any of them makes
-/// [`VramManager::verify_sealed`](crate::VramManager::verify_sealed) fail as forgery. The seal tag, the
-/// device buffer and the level-1 hashes are private. No device pointer is reachable through this
-/// type: not in `Debug`, not in `Serialize`, not through any method (MS-001); the only way to the
-/// weights is [`VramManager::execute`](crate::VramManager::execute), which verifies first.
+/// [`record`](Self::record) is the seal record — the one record type, which the seal tag, the public
+/// view ([`SealView`]) and attestations all wrap. It is public, and covered by the seal: changing any
+/// of its fields makes [`VramManager::verify_sealed`](crate::VramManager::verify_sealed) fail as
+/// forgery. The seal tag, the device buffer and the level-1 hashes are private. No device pointer is
+/// reachable through this type: not in `Debug`, not in `Serialize`, not through any method (MS-001);
+/// the only way to the weights is [`VramManager::execute`](crate::VramManager::execute), which
+/// verifies first.
 ///
 /// Dropping a shard frees its device memory and returns its capacity reservation; prefer
 /// [`VramManager::deallocate`](crate::VramManager::deallocate), which also writes the audit record.
 pub struct SealedShard {
-    /// Shard identity.
-    pub shard_id: ShardId,
-    /// Device index the shard lives on.
-    pub gpu_device: u32,
-    /// Size in bytes.
-    pub vram_bytes: u64,
-    /// fs-verity digest measured in device memory at seal time.
-    pub digest: Digest,
-    /// When it was sealed.
-    pub sealed_at: SystemTime,
-    /// Caller's model reference.
-    pub model_ref: String,
-    /// Index of this shard in its model.
-    pub shard_index: u32,
-    /// Number of shards in the model.
-    pub total_shards: u32,
-    pub(crate) device_uuid: [u8; 16],
-    pub(crate) backend: BackendKind,
+    /// What the seal covers: identity, digest, size, device, time, model position, tensor table.
+    pub record: SealRecord,
     pub(crate) tensor_table: Option<std::sync::Arc<TensorTable>>,
     pub(crate) tag: Tag,
     pub(crate) sealed_tree: TreeDigest,
@@ -53,23 +39,34 @@ pub struct SealedShard {
 }
 
 impl SealedShard {
-    /// The seal record as the shard's current fields describe it. Verification recomputes the tag over
-    /// exactly this, so any edit to a public field shows up as forgery.
+    /// Shard identity.
     #[must_use]
-    pub fn record(&self) -> SealRecord {
-        SealRecord {
-            shard_id: self.shard_id.clone(),
-            digest: self.digest,
-            vram_bytes: self.vram_bytes,
-            gpu_device: self.gpu_device,
-            device_uuid: self.device_uuid,
-            sealed_at_ns: unix_nanos(self.sealed_at),
-            backend: self.backend,
-            model_ref: self.model_ref.clone(),
-            shard_index: self.shard_index,
-            total_shards: self.total_shards,
-            tensor_table_digest: self.tensor_table.as_ref().map(|t| t.digest()),
-        }
+    pub const fn shard_id(&self) -> &ShardId {
+        &self.record.shard_id
+    }
+
+    /// Device index the shard lives on.
+    #[must_use]
+    pub const fn gpu_device(&self) -> u32 {
+        self.record.gpu_device
+    }
+
+    /// Size in bytes.
+    #[must_use]
+    pub const fn vram_bytes(&self) -> u64 {
+        self.record.vram_bytes
+    }
+
+    /// fs-verity digest measured in device memory at seal time.
+    #[must_use]
+    pub const fn digest(&self) -> Digest {
+        self.record.digest
+    }
+
+    /// When it was sealed.
+    #[must_use]
+    pub fn sealed_at(&self) -> SystemTime {
+        from_unix_nanos(self.record.sealed_at_ns)
     }
 
     /// Names of the tensors overlapping `ranges` (shard offsets = file offsets), deduplicated, in
@@ -102,13 +99,13 @@ impl SealedShard {
     /// Which backend holds the shard.
     #[must_use]
     pub const fn backend(&self) -> BackendKind {
-        self.backend
+        self.record.backend
     }
 
     /// Device UUID recorded in the seal.
     #[must_use]
     pub const fn device_uuid(&self) -> [u8; 16] {
-        self.device_uuid
+        self.record.device_uuid
     }
 
     /// The model's tensor table (read from its header before upload), if known.
@@ -127,7 +124,7 @@ impl SealedShard {
     /// The public view for printing and serialisation.
     #[must_use]
     pub fn view(&self) -> SealView {
-        let mut view = SealView::new(&self.record(), &self.tag);
+        let mut view = SealView::new(&self.record, &self.tag);
         if let Some(table) = &self.tensor_table {
             view.format = Some(table.format);
             view.tensor_count = Some(table.tensors.len() as u64);
@@ -151,15 +148,7 @@ impl SealedShard {
 impl fmt::Debug for SealedShard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SealedShard")
-            .field("shard_id", &self.shard_id)
-            .field("gpu_device", &self.gpu_device)
-            .field("vram_bytes", &self.vram_bytes)
-            .field("digest", &self.digest)
-            .field("sealed_at_ns", &unix_nanos(self.sealed_at))
-            .field("model_ref", &self.model_ref)
-            .field("shard_index", &self.shard_index)
-            .field("total_shards", &self.total_shards)
-            .field("backend", &self.backend)
+            .field("record", &self.record)
             .finish_non_exhaustive()
     }
 }
@@ -169,7 +158,11 @@ impl fmt::Display for SealedShard {
         write!(
             f,
             "shard {} ({} bytes on GPU {}, backend {}) {}",
-            self.shard_id, self.vram_bytes, self.gpu_device, self.backend, self.digest
+            self.record.shard_id,
+            self.record.vram_bytes,
+            self.record.gpu_device,
+            self.record.backend,
+            self.record.digest
         )
     }
 }

@@ -194,7 +194,7 @@ impl AppState {
         let shard = entry
             .take()
             .ok_or_else(|| ApiError::shard_not_found(id.as_str()))?;
-        let bytes = shard.vram_bytes;
+        let bytes = shard.record.vram_bytes;
         self.manager.deallocate(shard)?;
         Ok(bytes)
     }
@@ -218,7 +218,7 @@ impl AppState {
             let mut freed: u64 = 0;
             for entry in entries {
                 if let Some(shard) = entry.take() {
-                    let id = shard.shard_id.clone();
+                    let id = shard.record.shard_id.clone();
                     match manager.deallocate(shard) {
                         Ok(()) => freed = freed.saturating_add(1),
                         Err(error) => {

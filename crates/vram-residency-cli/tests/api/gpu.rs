@@ -134,15 +134,15 @@ fn gpu_digest_equals_cpu_digest_and_fsverity_on_odd_sizes() {
         let shard = manager
             .seal_file(&path, 0, &SealOptions::default())
             .unwrap();
-        assert_eq!(shard.digest, cpu.digest(), "size {size}: GPU vs CPU");
+        assert_eq!(shard.record.digest, cpu.digest(), "size {size}: GPU vs CPU");
         assert_eq!(
-            shard.digest.to_string(),
+            shard.record.digest.to_string(),
             fsverity_digest(&path),
             "size {size}: GPU vs fsverity"
         );
         // The in-memory path (single reader) too.
         let again = manager.seal_model(&data, 0).unwrap();
-        assert_eq!(again.digest, cpu.digest(), "size {size}: seal_model");
+        assert_eq!(again.record.digest, cpu.digest(), "size {size}: seal_model");
         manager.deallocate(again).unwrap();
         manager.deallocate(shard).unwrap();
     }
@@ -183,9 +183,9 @@ fn gpu_digest_of_a_multi_gib_shard_equals_cpu_and_fsverity() {
     let shard = manager
         .seal_file(&path, 0, &SealOptions::default())
         .unwrap();
-    assert_eq!(shard.digest, cpu.digest(), "GPU vs CPU");
+    assert_eq!(shard.record.digest, cpu.digest(), "GPU vs CPU");
     assert_eq!(
-        shard.digest.to_string(),
+        shard.record.digest.to_string(),
         fsverity_digest(&path),
         "GPU vs fsverity"
     );
@@ -229,7 +229,7 @@ fn gpu_a_thousand_single_bit_flips_over_several_shards_are_all_corruption_in_the
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         let shard = &shards[(flip % shards.len() as u64) as usize];
-        let bit = (state >> 11) % (shard.vram_bytes * 8);
+        let bit = (state >> 11) % (shard.record.vram_bytes * 8);
         let byte = bit / 8;
         gpu.backend.flip_bit(shard.allocation_id(), bit).unwrap();
         match manager.verify_sealed(shard) {
@@ -238,7 +238,7 @@ fn gpu_a_thousand_single_bit_flips_over_several_shards_are_all_corruption_in_the
                 let start = byte / span * span;
                 assert_eq!(damaged.len(), 1, "flip {flip}: {damaged:?}");
                 assert_eq!(damaged[0].start, start, "flip {flip}: byte {byte}");
-                assert_eq!(damaged[0].end, (start + span).min(shard.vram_bytes));
+                assert_eq!(damaged[0].end, (start + span).min(shard.record.vram_bytes));
                 detected += 1;
             }
             other => panic!("flip {flip} (bit {bit}): expected corruption, got {other:?}"),
@@ -412,7 +412,7 @@ fn gpu_o_direct_uploads_give_the_same_digest_as_the_page_cache_path() {
             .seal_file(&path, 0, &SealOptions::default())
             .unwrap();
         assert_eq!(
-            shard.digest,
+            shard.record.digest,
             digest_bytes(&data).unwrap().digest(),
             "size {size}"
         );
@@ -437,12 +437,12 @@ fn gpu_every_gpu_holds_verifies_and_localises_its_own_shards_iv_002() {
         .map(|index| manager.seal_model(&data, index).unwrap())
         .collect();
     for (shard, device) in shards.iter().zip(&devices) {
-        assert_eq!(shard.gpu_device, device.index);
+        assert_eq!(shard.record.gpu_device, device.index);
         assert_eq!(
             shard.view().device_uuid,
             vram_residency::shard::format_uuid(&device.uuid)
         );
-        assert_eq!(shard.digest, cpu, "GPU {}", device.index);
+        assert_eq!(shard.record.digest, cpu, "GPU {}", device.index);
         let report = manager.verify_sealed(shard).unwrap();
         assert_eq!(
             report.residency,
@@ -475,7 +475,7 @@ fn gpu_every_gpu_holds_verifies_and_localises_its_own_shards_iv_002() {
         std::io::stderr(),
         "{test}: {} GPU(s), one shard each, a flip found on GPU {} only",
         devices.len(),
-        last.gpu_device
+        last.record.gpu_device
     );
     for shard in shards {
         manager.deallocate(shard).unwrap();

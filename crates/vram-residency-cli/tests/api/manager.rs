@@ -24,12 +24,12 @@ fn seal_then_verify_round_trip_records_the_vram_digest_ci_001() {
     let w = small_worker();
     let data = random_bytes(3 * LEVEL1_SPAN + 77, 1);
     let shard = w.manager.seal_model(&data, 1).unwrap();
-    assert_eq!(shard.digest, digest_bytes(&data).unwrap().digest());
-    assert_eq!(shard.vram_bytes, data.len() as u64);
-    assert_eq!(shard.gpu_device, 1);
+    assert_eq!(shard.record.digest, digest_bytes(&data).unwrap().digest());
+    assert_eq!(shard.record.vram_bytes, data.len() as u64);
+    assert_eq!(shard.record.gpu_device, 1);
     assert_eq!(shard.backend(), BackendKind::Sim);
     let report = w.manager.verify_sealed(&shard).unwrap();
-    assert_eq!(report.digest, shard.digest);
+    assert_eq!(report.digest, shard.record.digest);
     assert_eq!(w.manager.state(), WorkerState::Running);
 }
 
@@ -101,7 +101,7 @@ fn corruption_is_detected_localised_audited_and_stops_the_worker_worker_4122() {
 fn edited_public_field_is_forgery_not_corruption_ci_002() {
     let w = small_worker();
     let mut shard = w.manager.seal_model(&random_bytes(5000, 4), 0).unwrap();
-    shard.vram_bytes += 1;
+    shard.record.vram_bytes += 1;
     assert!(matches!(
         w.manager.verify_sealed(&shard),
         Err(VramError::SealForgery { .. })
@@ -339,7 +339,7 @@ fn seal_file_streams_a_file_and_refuses_directories_and_missing_files() {
         .manager
         .seal_file(&path, 0, &SealOptions::default())
         .unwrap();
-    assert_eq!(shard.digest, digest_bytes(&data).unwrap().digest());
+    assert_eq!(shard.record.digest, digest_bytes(&data).unwrap().digest());
     assert!(matches!(
         w.manager.seal_file(dir.path(), 0, &SealOptions::default()),
         Err(VramError::InvalidInput { .. })
@@ -389,7 +389,7 @@ fn no_pointer_or_secret_in_debug_display_or_json_ms_001_ci_006() {
     }
     let json: serde_json::Value = serde_json::to_value(&shard).unwrap();
     assert_eq!(json["backend"], "sim");
-    assert_eq!(json["shard_id"], shard.shard_id.as_str());
+    assert_eq!(json["shard_id"], shard.record.shard_id.as_str());
     let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
     assert!(
         keys.iter()

@@ -1,7 +1,5 @@
 //! Property tests, 10 000 cases each (security spec §6.3).
 
-use std::time::Duration;
-
 use proptest::prelude::*;
 use vram_residency::digest::{LEVEL1_SPAN, digest_bytes};
 use vram_residency::{ManagerConfig, SealOptions, ShardId, VramError};
@@ -31,11 +29,11 @@ proptest! {
         let w = small_worker();
         let data = random_bytes(len, seed);
         let shard = w.manager.seal_model(&data, gpu).unwrap();
-        prop_assert_eq!(shard.digest, digest_bytes(&data).unwrap().digest());
+        prop_assert_eq!(shard.record.digest, digest_bytes(&data).unwrap().digest());
         let report = w.manager.verify_sealed(&shard).unwrap();
-        prop_assert_eq!(report.digest, shard.digest);
+        prop_assert_eq!(report.digest, shard.record.digest);
         let again = w.manager.seal_model(&data, 1 - gpu).unwrap();
-        prop_assert_eq!(again.digest, shard.digest);
+        prop_assert_eq!(again.record.digest, shard.record.digest);
     }
 
     #[test]
@@ -70,18 +68,18 @@ proptest! {
             ..SealOptions::default()
         }).unwrap();
         match field {
-            0 => shard.shard_id = ShardId::new(&format!("other-{pick}")).unwrap(),
-            1 => shard.gpu_device ^= 1 + (pick as u32 % 7),
-            2 => shard.vram_bytes ^= 1 << (pick % 64),
+            0 => shard.record.shard_id = ShardId::new(&format!("other-{pick}")).unwrap(),
+            1 => shard.record.gpu_device ^= 1 + (pick as u32 % 7),
+            2 => shard.record.vram_bytes ^= 1 << (pick % 64),
             3 => {
-                let mut bytes = *shard.digest.as_bytes();
+                let mut bytes = *shard.record.digest.as_bytes();
                 bytes[(pick % 32) as usize] ^= 1 << (pick % 8);
-                shard.digest = vram_residency::Digest::from_bytes(bytes);
+                shard.record.digest = vram_residency::Digest::from_bytes(bytes);
             }
-            4 => shard.sealed_at += Duration::from_nanos(1 + pick % 1_000_000_000),
-            5 => shard.model_ref.push(char::from(b'a' + (pick % 26) as u8)),
-            6 => shard.shard_index ^= 1 << (pick % 32),
-            7 => shard.total_shards ^= 1 << (pick % 32),
+            4 => shard.record.sealed_at_ns += 1 + pick % 1_000_000_000,
+            5 => shard.record.model_ref.push(char::from(b'a' + (pick % 26) as u8)),
+            6 => shard.record.shard_index ^= 1 << (pick % 32),
+            7 => shard.record.total_shards ^= 1 << (pick % 32),
             _ => shard.flip_tag_bit_for_tests((pick % 256) as usize),
         }
         let forged = matches!(w.manager.verify_sealed(&shard), Err(VramError::SealForgery { .. }));
@@ -102,7 +100,7 @@ proptest! {
                 live.push(shard);
             }
             for g in 0..2u32 {
-                let used: u64 = live.iter().filter(|s| s.gpu_device == g).map(|s| s.vram_bytes).sum();
+                let used: u64 = live.iter().filter(|s| s.record.gpu_device == g).map(|s| s.record.vram_bytes).sum();
                 let cap = w.manager.capacity(g).unwrap();
                 prop_assert_eq!(cap.used, used);
                 prop_assert!(cap.used <= cap.total - 100);
