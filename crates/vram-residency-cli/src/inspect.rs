@@ -20,7 +20,7 @@ pub fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&table)?);
     } else {
-        print_table(path, len, &table);
+        print_table(path, len, &table)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -34,14 +34,14 @@ pub fn format_name(format: ModelFormat) -> String {
     }
 }
 
-fn print_table(path: &Path, len: u64, table: &TensorTable) {
+fn print_table(path: &Path, len: u64, table: &TensorTable) -> anyhow::Result<()> {
     println!("file: {}", path.display());
     println!("size: {len} bytes");
     println!("format: {}", format_name(table.format));
     println!("data section starts at: byte {}", table.data_offset);
     println!(
         "tensor table digest: sha256:{}",
-        hex_string(&table.digest())
+        hex_string(&table.digest()?)
     );
     println!("tensors: {}", table.tensors.len());
     let name_width = table
@@ -75,6 +75,7 @@ fn print_table(path: &Path, len: u64, table: &TensorTable) {
             println!("  {} = {}", entry.key, entry.summary);
         }
     }
+    Ok(())
 }
 
 fn hex_string(bytes: &[u8]) -> String {

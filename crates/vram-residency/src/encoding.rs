@@ -13,8 +13,39 @@
 //!   UTF-8;
 //! - a decoder reads the fields in order and refuses a short input, trailing bytes, a wrong domain tag
 //!   or version, and invalid UTF-8.
+//!
+//! This module is ground level: it uses nothing else of the crate; its [`EncodingError`] converts into
+//! `VramError` (`InvalidInput` when encoding, `MalformedRecord` when decoding).
 
-use crate::error::{Result, VramError};
+/// An encoding or decoding failure. Converts into `VramError`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EncodingError {
+    /// A value does not fit its length prefix (4 GiB or longer).
+    TooLong {
+        /// Which field.
+        field: &'static str,
+    },
+    /// The bytes are not a valid encoding of `what`.
+    Malformed {
+        /// Which record.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for EncodingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLong { field } => write!(f, "{field} is longer than 4 GiB"),
+            Self::Malformed { what, reason } => write!(f, "malformed {what}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for EncodingError {}
+
+type Result<T, E = EncodingError> = std::result::Result<T, E>;
 
 /// Writes one canonical encoding.
 #[derive(Debug)]
@@ -64,13 +95,10 @@ impl Encoder {
     /// A variable-length byte string: `u32` length, then the bytes.
     ///
     /// # Errors
-    /// [`VramError::InvalidInput`] naming `field` when it is 4 GiB or longer.
+    /// [`EncodingError::TooLong`] naming `field` when it is 4 GiB or longer.
     pub(crate) fn bytes(&mut self, bytes: &[u8], field: &'static str) -> Result<&mut Self> {
         if u32::try_from(bytes.len()).is_err() {
-            return Err(VramError::InvalidInput {
-                field,
-                reason: "longer than 4 GiB".to_owned(),
-            });
+            return Err(EncodingError::TooLong { field });
         }
         self.put_len(bytes.len());
         self.out.extend_from_slice(bytes);
@@ -107,7 +135,7 @@ impl<'a> Decoder<'a> {
     /// Starts decoding `bytes`, which must begin with `domain` and `version`.
     ///
     /// # Errors
-    /// [`VramError::MalformedRecord`] naming `what`.
+    /// [`EncodingError::Malformed`] naming `what`.
     pub(crate) fn new(
         bytes: &'a [u8],
         what: &'static str,
@@ -126,8 +154,8 @@ impl<'a> Decoder<'a> {
         Ok(decoder)
     }
 
-    pub(crate) fn malformed(&self, reason: &str) -> VramError {
-        VramError::MalformedRecord {
+    pub(crate) fn malformed(&self, reason: &str) -> EncodingError {
+        EncodingError::Malformed {
             what: self.what,
             reason: reason.to_owned(),
         }
@@ -184,7 +212,7 @@ impl<'a> Decoder<'a> {
     /// Ends decoding: no byte may be left.
     ///
     /// # Errors
-    /// [`VramError::MalformedRecord`] for trailing bytes.
+    /// [`EncodingError::Malformed`] for trailing bytes.
     pub(crate) fn finish(self) -> Result<()> {
         if self.at == self.bytes.len() {
             Ok(())

@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 
+use crate::encoding::EncodingError;
 use crate::format::ModelFormatError;
 pub use crate::ids::ByteRange;
 use crate::ids::{Digest, InvalidDigest, InvalidShardId, ShardId};
@@ -288,6 +289,18 @@ fn name_list(names: &[String]) -> String {
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = VramError> = std::result::Result<T, E>;
+
+impl From<EncodingError> for VramError {
+    fn from(error: EncodingError) -> Self {
+        match error {
+            EncodingError::TooLong { field } => Self::InvalidInput {
+                field,
+                reason: "longer than 4 GiB".to_owned(),
+            },
+            EncodingError::Malformed { what, reason } => Self::MalformedRecord { what, reason },
+        }
+    }
+}
 
 impl From<InvalidShardId> for VramError {
     fn from(error: InvalidShardId) -> Self {

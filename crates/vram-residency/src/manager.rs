@@ -527,7 +527,7 @@ impl VramManager {
             model_ref: opts.model_ref.clone(),
             shard_index: opts.shard_index,
             total_shards: opts.total_shards,
-            tensor_table_digest: opts.tensor_table.as_ref().map(|t| t.digest()),
+            tensor_table_digest: opts.tensor_table.as_ref().map(|t| t.digest()).transpose()?,
         };
         let tag = record.sign(&self.keys.seal)?;
         let shard = SealedShard {

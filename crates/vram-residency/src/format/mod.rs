@@ -61,7 +61,9 @@ pub const MAX_TENSOR_COUNT: u64 = 1 << 20;
 pub const MAX_METADATA_COUNT: u64 = 1 << 20;
 
 /// Domain-separation prefix of [`TensorTable::canonical_bytes`].
-pub const TENSOR_TABLE_DOMAIN: &[u8] = b"vram-residency.tensor-table.v1";
+pub const TENSOR_TABLE_DOMAIN: &str = "vram-residency/tensor-table/v2";
+/// Version of the tensor-table encoding.
+pub const TENSOR_TABLE_VERSION: u16 = 2;
 
 /// Longest metadata string summary, in characters (an ellipsis marks a truncated one).
 const SUMMARY_MAX_CHARS: usize = 80;
@@ -125,77 +127,77 @@ pub struct TensorTable {
 }
 
 impl TensorTable {
-    /// Canonical binary encoding of the table, the input of [`TensorTable::digest`].
-    ///
-    /// All integers are big-endian. The encoding is:
+    /// Canonical binary encoding of the table, the input of [`TensorTable::digest`]: the crate's one
+    /// canonical encoding ([`crate::encoding`]: big-endian fixed-width integers, `u32`-length-prefixed
+    /// strings, a length-prefixed domain tag and a version first):
     ///
     /// ```text
-    /// "vram-residency.tensor-table.v1"          30 bytes, domain separation (no length prefix)
-    /// format      u8                             0 = raw, 1 = gguf, 2 = safetensors
-    /// version     u32                            GGUF version; 0 for raw and safetensors
-    /// data_offset u64
-    /// count       u64                            number of tensors
+    /// u32+n   domain        "vram-residency/tensor-table/v2"
+    /// u16     version       2
+    /// u8      format        0 = raw, 1 = gguf, 2 = safetensors
+    /// u32     version       GGUF version; 0 for raw and safetensors
+    /// u64     data_offset
+    /// u64     count         number of tensors
     /// count times, in the order of `tensors` (the readers sort by offset, then name):
-    ///   name      len u16 + UTF-8 bytes
-    ///   dtype     len u8  + UTF-8 bytes
-    ///   ndims     u8
-    ///   dims      u64 each, in `shape` order
-    ///   offset    u64                            absolute file offset
-    ///   bytes     u64
+    ///   u32+n name          UTF-8
+    ///   u32+n dtype         UTF-8
+    ///   u32   ndims
+    ///   u64   dims          one per dimension, in `shape` order
+    ///   u64   offset        absolute file offset
+    ///   u64   bytes
     /// ```
     ///
-    /// Metadata is **not** encoded (it is a display summary; the file digest covers it).
+    /// Metadata is **not** encoded (it is a display summary; the file digest covers it). Every length
+    /// has a prefix wide enough for anything a reader accepts; a hand-built table with a name of 4 GiB or
+    /// more, or 2^32 dimensions, is refused rather than encoded ambiguously.
     ///
-    /// Lengths that do not fit their prefix are escaped so the encoding stays injective for any
-    /// table, including hand-built ones: a name of 65535 bytes or more is written as `0xFFFF`
-    /// followed by a `u64` length; a dtype of 255 bytes or more as `0xFF` + `u64` length; 255 or more
-    /// dimensions as `0xFF` + `u64` count. The readers never produce such lengths for real files.
-    ///
-    /// Worked example (checked by a unit test): a GGUF v3 table with `data_offset` 96 and one
-    /// tensor `"w"`, dtype `"F32"`, shape `[2]`, offset 96, 8 bytes encodes as
+    /// Worked example (checked by a unit test, its SHA-256 recomputed with Python's `hashlib`): a GGUF
+    /// v3 table with `data_offset` 96 and one tensor `"w"`, dtype `"F32"`, shape `[2]`, offset 96, 8
+    /// bytes encodes as
     ///
     /// ```text
-    /// 7672616d2d7265736964656e63792e74656e736f722d7461626c652e7631   domain
-    /// 01 00000003 0000000000000060 0000000000000001                  gguf, v3, 96, 1 tensor
-    /// 0001 77   03 463332   01 0000000000000002                      "w", "F32", [2]
-    /// 0000000000000060 0000000000000008                              offset 96, 8 bytes
+    /// 0000001e 7672616d2d7265736964656e63792f74656e736f722d7461626c652f7632   domain
+    /// 0002 01 00000003 0000000000000060 0000000000000001              v2, gguf, v3, 96, 1 tensor
+    /// 00000001 77   00000003 463332   00000001 0000000000000002        "w", "F32", [2]
+    /// 0000000000000060 0000000000000008                               offset 96, 8 bytes
     /// ```
-    #[must_use]
-    pub fn canonical_bytes(&self) -> Vec<u8> {
+    ///
+    /// # Errors
+    /// [`EncodingError::TooLong`](crate::encoding::EncodingError) for such a hand-built table.
+    pub fn canonical_bytes(&self) -> Result<Vec<u8>, crate::encoding::EncodingError> {
         let (tag, version) = match self.format {
             ModelFormat::Raw => (0u8, 0u32),
             ModelFormat::Gguf { version } => (1, version),
             ModelFormat::Safetensors => (2, 0),
         };
-        let mut out = Vec::with_capacity(
-            TENSOR_TABLE_DOMAIN
-                .len()
-                .saturating_add(self.tensors.len().saturating_mul(64).saturating_add(32)),
-        );
-        out.extend_from_slice(TENSOR_TABLE_DOMAIN);
-        out.push(tag);
-        out.extend_from_slice(&version.to_be_bytes());
-        out.extend_from_slice(&self.data_offset.to_be_bytes());
-        out.extend_from_slice(&len_u64(self.tensors.len()).to_be_bytes());
+        let mut e = crate::encoding::Encoder::new(TENSOR_TABLE_DOMAIN, TENSOR_TABLE_VERSION);
+        e.u8(tag)
+            .u32(version)
+            .u64(self.data_offset)
+            .u64(len_u64(self.tensors.len()));
         for tensor in &self.tensors {
-            put_len_u16(&mut out, tensor.name.len());
-            out.extend_from_slice(tensor.name.as_bytes());
-            put_len_u8(&mut out, tensor.dtype.len());
-            out.extend_from_slice(tensor.dtype.as_bytes());
-            put_len_u8(&mut out, tensor.shape.len());
+            e.str(&tensor.name, "tensor name")?;
+            e.str(&tensor.dtype, "tensor dtype")?;
+            let ndims = u32::try_from(tensor.shape.len()).map_err(|_| {
+                crate::encoding::EncodingError::TooLong {
+                    field: "tensor shape",
+                }
+            })?;
+            e.u32(ndims);
             for dim in &tensor.shape {
-                out.extend_from_slice(&dim.to_be_bytes());
+                e.u64(*dim);
             }
-            out.extend_from_slice(&tensor.offset.to_be_bytes());
-            out.extend_from_slice(&tensor.bytes.to_be_bytes());
+            e.u64(tensor.offset).u64(tensor.bytes);
         }
-        out
+        Ok(e.finish())
     }
 
     /// SHA-256 of [`TensorTable::canonical_bytes`].
-    #[must_use]
-    pub fn digest(&self) -> [u8; 32] {
-        Sha256::digest(self.canonical_bytes()).into()
+    ///
+    /// # Errors
+    /// As [`canonical_bytes`](Self::canonical_bytes).
+    pub fn digest(&self) -> Result<[u8; 32], crate::encoding::EncodingError> {
+        Ok(Sha256::digest(self.canonical_bytes()?).into())
     }
 
     /// The tensors whose data overlaps the file byte range `[start, end)`, in table order.
@@ -315,26 +317,6 @@ fn sort_tensors(tensors: &mut [TensorInfo]) {
 /// `usize` → `u64`; lossless on every platform Rust supports (saturates otherwise).
 fn len_u64(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
-}
-
-fn put_len_u16(out: &mut Vec<u8>, len: usize) {
-    match u16::try_from(len) {
-        Ok(short) if short != u16::MAX => out.extend_from_slice(&short.to_be_bytes()),
-        _ => {
-            out.extend_from_slice(&u16::MAX.to_be_bytes());
-            out.extend_from_slice(&len_u64(len).to_be_bytes());
-        }
-    }
-}
-
-fn put_len_u8(out: &mut Vec<u8>, len: usize) {
-    match u8::try_from(len) {
-        Ok(short) if short != u8::MAX => out.push(short),
-        _ => {
-            out.push(u8::MAX);
-            out.extend_from_slice(&len_u64(len).to_be_bytes());
-        }
-    }
 }
 
 /// Renders a string for a metadata summary: at most 80 characters, control characters escaped,
@@ -726,17 +708,17 @@ mod tests {
     #[test]
     fn canonical_bytes_match_the_documented_worked_example() {
         let documented = "
-            7672616d2d7265736964656e63792e74656e736f722d7461626c652e7631
-            01 00000003 0000000000000060 0000000000000001
-            0001 77   03 463332   01 0000000000000002
+            0000001e 7672616d2d7265736964656e63792f74656e736f722d7461626c652f7632
+            0002 01 00000003 0000000000000060 0000000000000001
+            00000001 77   00000003 463332   00000001 0000000000000002
             0000000000000060 0000000000000008";
         let hex_digits: String = documented.split_whitespace().collect();
         let table = worked_example();
-        assert_eq!(hex::encode(table.canonical_bytes()), hex_digits);
+        assert_eq!(hex::encode(table.canonical_bytes().unwrap()), hex_digits);
         // SHA-256 of those bytes, computed independently with Python's hashlib.
         assert_eq!(
-            hex::encode(table.digest()),
-            "97cf26b7bdbd3b77a7e28e63c22a51c53ef04855fe1df64a1f46d195783ff1f2"
+            hex::encode(table.digest().unwrap()),
+            "5aafc86d01e6c99bd661216b8a942be0ee37faf77377287480cdc313577200d1"
         );
     }
 
@@ -760,8 +742,13 @@ mod tests {
         push(&|t| t.tensors[0].offset = 128);
         push(&|t| t.tensors[0].bytes = 4);
         push(&|t| t.tensors.clear());
+        // Moving bytes between a name and a dtype must not collide (length prefixes).
+        push(&|t| {
+            t.tensors[0].name = "wF".into();
+            t.tensors[0].dtype = "32".into();
+        });
         let digests: std::collections::HashSet<[u8; 32]> =
-            variants.iter().map(TensorTable::digest).collect();
+            variants.iter().map(|t| t.digest().unwrap()).collect();
         assert_eq!(digests.len(), variants.len());
 
         let mut other_metadata = base.clone();
@@ -770,25 +757,19 @@ mod tests {
     }
 
     #[test]
-    fn over_long_lengths_are_escaped_so_the_encoding_stays_injective() {
+    fn long_names_dtypes_and_shapes_keep_their_u32_prefixes() {
         let mut table = worked_example();
         table.tensors[0].name = "n".repeat(70_000);
         table.tensors[0].dtype = "d".repeat(300);
         table.tensors[0].shape = vec![1; 255];
-        let bytes = table.canonical_bytes();
-        let at = TENSOR_TABLE_DOMAIN.len() + 1 + 4 + 8 + 8;
-        assert_eq!(bytes[at..at + 2], [0xFF, 0xFF]);
-        assert_eq!(bytes[at + 2..at + 10], 70_000u64.to_be_bytes());
-        let at = at + 10 + 70_000;
-        assert_eq!(bytes[at], 0xFF);
-        assert_eq!(bytes[at + 1..at + 9], 300u64.to_be_bytes());
-        let at = at + 9 + 300;
-        assert_eq!(bytes[at], 0xFF);
-        assert_eq!(bytes[at + 1..at + 9], 255u64.to_be_bytes());
-        // 65534 still fits the short prefix; 65535 is the first escaped length.
-        table.tensors[0].name = "n".repeat(65_534);
-        let at = TENSOR_TABLE_DOMAIN.len() + 1 + 4 + 8 + 8;
-        assert_eq!(table.canonical_bytes()[at..at + 2], [0xFF, 0xFE]);
+        let bytes = table.canonical_bytes().unwrap();
+        let at = 4 + TENSOR_TABLE_DOMAIN.len() + 2 + 1 + 4 + 8 + 8;
+        assert_eq!(bytes[at..at + 4], 70_000u32.to_be_bytes());
+        let at = at + 4 + 70_000;
+        assert_eq!(bytes[at..at + 4], 300u32.to_be_bytes());
+        let at = at + 4 + 300;
+        assert_eq!(bytes[at..at + 4], 255u32.to_be_bytes());
+        assert_eq!(bytes.len(), at + 4 + 255 * 8 + 16);
     }
 
     #[test]
