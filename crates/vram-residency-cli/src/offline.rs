@@ -153,9 +153,14 @@ pub fn audit(command: &AuditCommand) -> anyhow::Result<ExitCode> {
     }
     if report.ends_with_clean_shutdown() {
         println!("ends with a clean shutdown (service_stopped)");
+    } else if expect_head.is_some() {
+        println!(
+            "does not end with a clean shutdown: the worker is running or crashed, or records after \
+             the expected head were cut off the end"
+        );
     } else {
         println!(
-            "does not end with a clean shutdown: the worker is running, crashed, or records were cut \
+            "does not end with a clean shutdown: the worker is running or crashed, or records were cut \
              off the end (give --expect-head to detect that)"
         );
     }

@@ -1344,7 +1344,8 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
     seen.push_str(&stderr);
     seen.push_str(&home.audit_log());
 
-    // The worker token, the API tokens, their hashes, and the three derived keys.
+    // The worker token, the API tokens, their hashes, and the two derived secrets (the seal key and
+    // the Ed25519 seed).
     let mut secrets = Vec::new();
     for token in [
         TEST_TOKEN,
@@ -1356,12 +1357,12 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
         secrets.push(token.to_owned());
         secrets.push(hex::encode(sha2::Sha256::digest(token.as_bytes())));
     }
-    for info in ["seal", "audit", "attestation"] {
+    for info in ["seal key v1", "ed25519 identity v1"] {
         let mut key = [0u8; 32];
         vram_residency::keys::hkdf_sha256(
             b"vram-residency/hkdf-salt/v1",
             TEST_TOKEN.as_bytes(),
-            format!("vram-residency {info} key v1").as_bytes(),
+            format!("vram-residency {info}").as_bytes(),
             &mut key,
         )
         .unwrap();
@@ -1631,6 +1632,7 @@ fn openapi_documents_every_route() {
         ("/v1/shards/{id}/attest", &["post"]),
         ("/v1/worker", &["get"]),
         ("/metrics", &["get"]),
+        ("/v1/identity", &["get"]),
         ("/healthz", &["get"]),
     ] {
         let at = spec
@@ -1660,6 +1662,7 @@ fn openapi_documents_every_route() {
         ("/v1/shards/{id}/attest", "post", "observer"),
         ("/v1/worker", "get", "observer"),
         ("/metrics", "get", "observer"),
+        ("/v1/identity", "get", "none"),
     ] {
         let at = spec.find(&format!("\n  {path}:\n")).unwrap();
         let section = &spec[at + 1..];
