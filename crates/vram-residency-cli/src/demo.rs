@@ -115,7 +115,33 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         first_bytes.unwrap_or_else(|| "(device memory)".to_owned())
     ));
 
-    let mut ok = true;
+    step(
+        5,
+        "attesting: a fresh verification for a verifier's nonce, signed with the worker's Ed25519 key \
+         (DSSE + in-toto), checked with the public key alone",
+    );
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).context("no randomness for a nonce")?;
+    let envelope = manager.attest(&shard, &nonce)?;
+    let public = manager.public_key().clone();
+    let stated = envelope.verify(&public, &nonce)?;
+    detail(&format!(
+        "verified with public key {} only: shard {} is {:?} with digest {}",
+        public.key_id(),
+        stated.record.shard_id,
+        stated.residency,
+        stated.verified_digest
+    ));
+    let replay = envelope.verify(&public, &[0u8; 32]);
+    detail(&format!(
+        "the same attestation for another nonce: {}",
+        match &replay {
+            Ok(_) => "ACCEPTED (UNEXPECTED)".to_owned(),
+            Err(error) => format!("refused ({error})"),
+        }
+    ));
+
+    let mut ok = replay.is_err();
     let mut bit = None;
     if let Some(sim) = &sim {
         let (flipped, behaved) = corruption_story(&manager, sim, &shard, data_offset)?;
@@ -123,14 +149,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         ok &= behaved;
     } else {
         step(
-            5,
+            6,
             "corrupting VRAM from outside the manager: not in this binary (fault injection is \
              built only into test binaries; `scripts/gpu-test` runs the 1000-flip campaign on the GPU)",
         );
     }
 
     step(
-        8,
+        9,
         "audit trail (also emitted as tracing events; -v shows them)",
     );
     let entries = sink.entries();
@@ -168,6 +194,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             "model_bytes": args.size,
             "digest": view.digest.to_string(),
             "verify_gbps": gbps(report.vram_bytes, report.elapsed.as_secs_f64()),
+            "attestation": {
+                "key_id": public.key_id(),
+                "verified_with_public_key": true,
+                "replay_for_another_nonce_refused": replay.is_err(),
+            },
             "flipped_bit": bit,
             "corruption_step": if sim.is_some() { "ran" } else { "skipped: no fault injection in release binaries" },
             "all_steps_ok": ok,
@@ -185,7 +216,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Steps 5-7 on `sim`: flip a bit from outside the manager, verify, show the worker stopped.
+/// Steps 6-8 on `sim`: flip a bit from outside the manager, verify, show the worker stopped.
 /// Returns the flipped bit and whether everything behaved as designed.
 fn corruption_story(
     manager: &VramManager,
@@ -205,7 +236,7 @@ fn corruption_story(
             .map(|t| t.name.clone())
     });
     step(
-        5,
+        6,
         &format!(
             "flipping bit {} of byte {byte:#x} in the shard's memory, from outside the manager",
             bit % 8
@@ -213,7 +244,7 @@ fn corruption_story(
     );
     sim.flip_bit(shard.allocation_id(), bit)?;
 
-    step(6, "verifying again");
+    step(7, "verifying again");
     match manager.verify_sealed(shard) {
         Err(VramError::Corruption {
             damaged, tensors, ..
@@ -254,7 +285,7 @@ fn corruption_story(
     }
 
     step(
-        7,
+        8,
         "the worker is now stopped; new seals and executions are refused",
     );
     match manager.state() {

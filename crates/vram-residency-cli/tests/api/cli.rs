@@ -269,6 +269,16 @@ fn demo_detects_corruption_and_stops_the_worker() {
     assert_eq!(json["backend"], "sim");
     assert_eq!(json["corruption_step"], "ran");
     assert_eq!(json["all_steps_ok"], true);
+    // The demo's attestation verified with the public key alone, and not for another nonce.
+    assert_eq!(json["attestation"]["verified_with_public_key"], true);
+    assert_eq!(
+        json["attestation"]["replay_for_another_nonce_refused"],
+        true
+    );
+    assert!(
+        stdout.contains("checked with the public key alone"),
+        "{stdout}"
+    );
 }
 
 #[test]
