@@ -1,7 +1,7 @@
 //! Security-relevant events and where they go.
 //!
 //! The manager reports every event twice: as a structured `tracing` event (for operators' logs) and to
-//! an [`AuditSink`] (for the durable, HMAC-chained log the worker service plugs in). Events carry no
+//! an [`AuditSink`] (for the durable, signed, hash-chained log the worker service plugs in). Events carry no
 //! pointer, no key, no token and no expected tag — only public facts. Every entry names its backend, so
 //! a `sim` record cannot be mistaken for real residency.
 //!
@@ -158,7 +158,7 @@ pub enum AuditEvent {
     },
     /// An HTTP request presented the worker token as its credential (as a bearer token, under
     /// another scheme, or bare); it was refused with 401 (critical: the root secret, from which the
-    /// seal and audit keys derive, is in a client's hands and should be rotated). Names the request,
+    /// seal key and the signing identity derive, is in a client's hands and should be rotated). Names the request,
     /// never the token.
     WorkerTokenRefused {
         /// HTTP method.

@@ -1,6 +1,6 @@
 //! Who may call what: API tokens, their roles, and the worker token that is never a credential.
 //!
-//! The worker token is the root secret the seal, audit and attestation keys derive from; it stays on
+//! The worker token is the root secret the seal key and the Ed25519 identity derive from; it stays on
 //! the worker. API clients present tokens of their own, configured in two files (one token per line,
 //! several per role so they can be rotated):
 //!
@@ -125,7 +125,7 @@ impl Access {
                 if worker.matches(token.token) {
                     anyhow::bail!(
                         "{shown}: line {}: an API token must not be the worker token (the worker \
-                         token is the root secret of the seal and audit keys; give clients tokens \
+                         token is the root secret of the seal and signing keys; give clients tokens \
                          of their own)",
                         token.line
                     );

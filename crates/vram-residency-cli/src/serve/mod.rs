@@ -1,7 +1,9 @@
 //! `vram-residency serve`: the worker service (axum on tokio; the core crate stays synchronous).
 //!
-//! Start-up: worker token (file or environment, never argv) → audit key → API tokens and their roles
-//! (files; the worker token is never one) → models directory → backend → audit log (locked, verified, chain continued) → manager → listener. The bound address
+//! Start-up: worker token (file or environment, never argv) → API tokens and their roles (files; the
+//! worker token is never one) → models directory → backend → audit log (locked, verified with the
+//! worker's public key, chain continued; created with its first record if missing) → manager →
+//! listener. The bound address
 //! is printed on stdout as `listening on http://ADDR`, then requests are served until SIGTERM or
 //! SIGINT. Shutdown: stop accepting, let running requests finish, stop the sweep, wait for running
 //! operations, free every shard (each one audited), record `service_stopped`, sync the audit log.
@@ -59,7 +61,8 @@ pub struct ServeArgs {
     /// Address to listen on. Loopback by default; anything else should sit behind a TLS proxy.
     #[arg(long, env = "VRAM_RESIDENCY_LISTEN", default_value = "127.0.0.1:8470")]
     pub listen: SocketAddr,
-    /// The HMAC-chained audit log (created if missing; verified and continued if present).
+    /// The signed, hash-chained audit log (created with its first record if missing; verified and
+    /// continued if present; a file with no valid record is refused).
     #[arg(long, env = "VRAM_RESIDENCY_AUDIT_LOG")]
     pub audit_log: PathBuf,
     #[command(flatten)]
