@@ -371,11 +371,15 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 /// file, is too large, or is accessible to group or others (the message gives the fix:
 /// `chmod 600 PATH`). The message never contains the file's content.
 pub fn read_secret_file(path: &Path, max_len: usize) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read as _;
     let io = |source| VramError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let metadata = std::fs::metadata(path).map_err(io)?;
+    // Open first, then check what was opened (fstat), so a swap between the check and the read
+    // cannot slip another file in.
+    let file = std::fs::File::open(path).map_err(io)?;
+    let metadata = file.metadata().map_err(io)?;
     if !metadata.is_file() {
         return Err(VramError::InvalidToken {
             reason: format!("{} is not a regular file", path.display()),
@@ -401,7 +405,19 @@ pub fn read_secret_file(path: &Path, max_len: usize) -> Result<Zeroizing<Vec<u8>
             reason: format!("{} is larger than {max_len} bytes", path.display()),
         });
     }
-    std::fs::read(path).map(Zeroizing::new).map_err(io)
+    let mut bytes = Zeroizing::new(Vec::with_capacity(
+        usize::try_from(metadata.len()).unwrap_or(0),
+    ));
+    // Bounded even if the file grows after the fstat.
+    file.take((max_len as u64).saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() > max_len {
+        return Err(VramError::InvalidToken {
+            reason: format!("{} is larger than {max_len} bytes", path.display()),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Checks a presented bearer token against a secret without keeping the secret.
