@@ -153,9 +153,10 @@ def worker_loop(args, host, port, token, prefix, index, deadline, stats):
     while time.monotonic() < deadline and stats.take_request_slot(args.max_requests):
         shard_id = f"{prefix}-{index}-{iteration}"
         iteration += 1
-        status, body, elapsed = client.request(
-            "POST", "/v1/shards", {"model": args.model, "gpu": args.gpu, "shard_id": shard_id}
-        )
+        request = {"model": args.model, "gpu": args.gpu, "shard_id": shard_id}
+        if args.format:
+            request["format"] = args.format
+        status, body, elapsed = client.request("POST", "/v1/shards", request)
         if not stats.record("commit", status, body, elapsed, 201):
             if status == 507:
                 time.sleep(0.01)  # full: let other clients evict
@@ -190,6 +191,12 @@ def main():
         help="file holding an operator API token (first non-blank, non-# line); else $VRAM_RESIDENCY_API_TOKEN",
     )
     parser.add_argument("--model", required=True, help="model path relative to the server's models dir")
+    parser.add_argument(
+        "--format",
+        choices=["auto", "raw", "gguf", "safetensors"],
+        help="the commit's format field (default: left out, i.e. auto); random bytes (as "
+        "--create-model writes) almost never claim a model format, pass raw to be sure",
+    )
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds (max 3600)")

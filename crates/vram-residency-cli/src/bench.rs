@@ -185,7 +185,12 @@ fn bench_size(
     let rss_before = status_bytes("VmRSS:");
     let rss_reset = reset_peak_rss();
     let started = Instant::now();
-    let shard = manager.seal_file(&path, args.gpu, &SealOptions::default())?;
+    // The bench file is random bytes: sealed as raw, explicitly.
+    let raw = SealOptions {
+        format: vram_residency::format::FormatChoice::Raw,
+        ..SealOptions::default()
+    };
+    let shard = manager.seal_file(&path, args.gpu, &raw)?;
     let seal_time = started.elapsed().as_secs_f64();
     let peak_rss = if rss_reset {
         status_bytes("VmHWM:")
@@ -394,7 +399,18 @@ fn seal_in_child(args: &BenchArgs, path: &Path) -> anyhow::Result<(f64, Option<u
     let _cleanup = RemoveOnDrop(token_path.clone());
     let mut random = [0u8; 32];
     getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no OS randomness: {e}"))?;
-    std::fs::write(&token_path, hex::encode(random))?;
+    // Owner-only, as the worker token file must be (`seal` refuses anything else).
+    let _ = std::fs::remove_file(&token_path);
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_path)?
+            .write_all(hex::encode(random).as_bytes())?;
+    }
     let staging = args.backend.cuda().staging;
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
@@ -403,6 +419,8 @@ fn seal_in_child(args: &BenchArgs, path: &Path) -> anyhow::Result<(f64, Option<u
         .args([
             "--backend",
             "cuda",
+            "--format",
+            "raw",
             "--json",
             "--max-model-bytes",
             &u64::MAX.to_string(),

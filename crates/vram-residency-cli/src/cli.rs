@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use vram_residency::format::FormatChoice;
 use vram_residency::keys::TOKEN_ENV;
 use vram_residency::{
     BackendKind, Digest, ManagerConfig, NoAuditSink, SealOptions, ShardId, VramManager,
@@ -42,6 +43,10 @@ pub enum Command {
         /// Print the table as JSON.
         #[arg(long)]
         json: bool,
+        /// What the file is: `auto` (default; a file whose name or first bytes claim a format must
+        /// parse as it), `gguf`, `safetensors`, or `raw`.
+        #[arg(long, default_value = "auto", value_parser = parse_format)]
+        format: FormatChoice,
     },
     /// List the GPUs (name, UUID, memory, compute capability, ECC, integrated) with the VRAM-only
     /// policy verdict on each. Exits non-zero when a device is refused.
@@ -163,6 +168,11 @@ pub struct SealArgs {
     /// Number of shards in the model.
     #[arg(long, default_value_t = 1)]
     pub total_shards: u32,
+    /// What the file is: `auto` (default: a file whose name or first bytes claim GGUF or
+    /// safetensors must parse as that, else it is refused), `gguf`, `safetensors`, or `raw` (seal
+    /// any bytes as one tensor).
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    pub format: FormatChoice,
     /// Print the seal record as JSON.
     #[arg(long)]
     pub json: bool,
@@ -231,6 +241,10 @@ fn parse_backend(s: &str) -> Result<BackendKind, String> {
         .map_err(|e: vram_residency::VramError| e.to_string())
 }
 
+pub fn parse_format(s: &str) -> Result<FormatChoice, String> {
+    s.parse()
+}
+
 fn parse_shard_id(s: &str) -> Result<ShardId, String> {
     ShardId::new(s).map_err(|e| e.to_string())
 }
@@ -289,7 +303,11 @@ pub fn load_token(token_file: Option<&Path>) -> anyhow::Result<WorkerToken> {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Digest { files } => digest_files(&files),
-        Command::Inspect { model, json } => crate::inspect::run(&model, json),
+        Command::Inspect {
+            model,
+            json,
+            format,
+        } => crate::inspect::run(&model, json, format),
         Command::Seal(args) => seal(&args),
         Command::Devices(args) => crate::devices::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
@@ -350,6 +368,7 @@ fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
         shard_index: args.shard_index,
         total_shards: args.total_shards,
         tensor_table: None,
+        format: args.format,
         progress: Some(progress::callback(&bar)),
     };
     let shard = manager.seal_file(&args.file, args.gpu, &opts);

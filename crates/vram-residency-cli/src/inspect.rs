@@ -5,17 +5,18 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use vram_residency::format::{ModelFormat, TensorTable, read_tensor_table};
+use vram_residency::format::{FormatChoice, ModelFormat, TensorTable, read_tensor_table_as};
 
 /// Reads and prints the header of `path`. A rejected header is an error naming the field and byte
 /// offset (exit status 1); no weights are read.
-pub fn run(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+pub fn run(path: &Path, json: bool, format: FormatChoice) -> anyhow::Result<ExitCode> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file
         .metadata()
         .with_context(|| format!("reading {}", path.display()))?
         .len();
-    let table = read_tensor_table(&mut BufReader::new(file), len)
+    let name = path.file_name().and_then(|n| n.to_str());
+    let table = read_tensor_table_as(&mut BufReader::new(file), len, format, name)
         .with_context(|| format!("{} was rejected", path.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&table)?);

@@ -23,7 +23,7 @@ use crate::backend::{
 use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
-use crate::format::{TensorTable, read_tensor_table, read_tensor_table_from_bytes};
+use crate::format::{FormatChoice, TensorTable, read_tensor_table_as};
 use crate::ids::{ShardId, unix_nanos};
 use crate::keys::{KeySet, PublicKey, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
@@ -73,6 +73,9 @@ pub struct SealOptions {
     /// when this is `None` (and refuse a malformed header before anything is allocated);
     /// `seal_reader` uses it as given.
     pub tensor_table: Option<Arc<TensorTable>>,
+    /// What the caller says the model is (default: detect; a file that claims a format must parse
+    /// as it). Used when `tensor_table` is `None`.
+    pub format: FormatChoice,
     /// Called with the running byte count during the upload.
     pub progress: Option<Progress>,
 }
@@ -86,6 +89,7 @@ impl Default for SealOptions {
             shard_index: 0,
             total_shards: 1,
             tensor_table: None,
+            format: FormatChoice::Auto,
             progress: None,
         }
     }
@@ -99,6 +103,7 @@ impl std::fmt::Debug for SealOptions {
             .field("model_ref", &self.model_ref)
             .field("shard_index", &self.shard_index)
             .field("total_shards", &self.total_shards)
+            .field("format", &self.format)
             .field("progress", &self.progress.is_some())
             .finish_non_exhaustive()
     }
@@ -337,7 +342,13 @@ impl VramManager {
         let mut opts = opts.clone();
         if opts.tensor_table.is_none() && !bytes.is_empty() {
             // The header is validated before anything is reserved, allocated or uploaded.
-            opts.tensor_table = Some(Arc::new(read_tensor_table_from_bytes(bytes)?));
+            let mut reader = bytes;
+            opts.tensor_table = Some(Arc::new(read_tensor_table_as(
+                &mut reader,
+                bytes.len() as u64,
+                opts.format,
+                None,
+            )?));
         }
         let mut source = bytes;
         self.seal_reader(&mut source, bytes.len() as u64, gpu, &opts)
@@ -386,7 +397,13 @@ impl VramManager {
         if opts.tensor_table.is_none() && before.len() > 0 {
             // The header is validated before anything is reserved, allocated or uploaded.
             let mut header = std::io::BufReader::new(&file);
-            opts.tensor_table = Some(Arc::new(read_tensor_table(&mut header, before.len())?));
+            let name = path.file_name().and_then(|n| n.to_str());
+            opts.tensor_table = Some(Arc::new(read_tensor_table_as(
+                &mut header,
+                before.len(),
+                opts.format,
+                name,
+            )?));
             file.seek(std::io::SeekFrom::Start(0)).map_err(io)?;
         }
         let shard = self.seal_source(Source::File(&file), before.len(), gpu, &opts)?;

@@ -20,8 +20,9 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use vram_residency::attestation::parse_nonce_hex;
+use vram_residency::format::FormatChoice;
 use vram_residency::models_dir::check_relative;
-use vram_residency::{AuditEvent, Digest, SealOptions, ShardId, WorkerState};
+use vram_residency::{AuditEvent, Digest, SealOptions, ShardId, VramError, WorkerState};
 
 use super::auth::{Presented, Role};
 use super::error::ApiError;
@@ -183,6 +184,9 @@ struct CommitRequest {
     shard_index: u32,
     #[serde(default = "one")]
     total_shards: u32,
+    /// `auto` (default), `raw`, `gguf` or `safetensors`.
+    #[serde(default)]
+    format: Option<String>,
 }
 
 async fn commit(
@@ -215,6 +219,18 @@ async fn commit_inner(
         shard_index: request.shard_index,
         total_shards: request.total_shards,
         tensor_table: None,
+        format: request
+            .format
+            .as_deref()
+            .map(str::parse::<FormatChoice>)
+            .transpose()
+            .map_err(|reason| {
+                ApiError::from(VramError::InvalidInput {
+                    field: "format",
+                    reason,
+                })
+            })?
+            .unwrap_or_default(),
         progress: None,
     };
     let permit = app.permit().await?;

@@ -110,6 +110,7 @@ pub fn classify(error: &VramError) -> (StatusCode, &'static str) {
         VramError::ModelNotFound { .. } => (S::NOT_FOUND, "model_not_found"),
         VramError::DuplicateShardId { .. } => (S::CONFLICT, "duplicate_shard_id"),
         VramError::EmptyModel => (S::UNPROCESSABLE_ENTITY, "empty_model"),
+        VramError::MalformedModel(_) => (S::UNPROCESSABLE_ENTITY, "malformed_model"),
         VramError::ModelTooLarge { .. } => (S::UNPROCESSABLE_ENTITY, "model_too_large"),
         VramError::DigestMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "digest_mismatch"),
         VramError::SourceChanged { .. } => (S::UNPROCESSABLE_ENTITY, "source_changed"),

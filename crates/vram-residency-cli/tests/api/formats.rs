@@ -125,3 +125,112 @@ fn inspect_rejects_a_truncated_header_naming_field_and_offset() {
         "{stderr}"
     );
 }
+
+/// Files written by the upstream writers, then damaged the way the issue's new user found them
+/// sealed as raw: each must now be refused by `inspect` and by `seal`, naming format, field and
+/// byte offset, with nothing sealed; `--format raw` is the explicit way to seal such bytes.
+#[test]
+fn files_that_claim_a_format_but_do_not_parse_are_refused_not_sealed_as_raw_iv_001() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = std::fs::read(fixture("tiny-v3.gguf")).unwrap();
+    let safetensors = std::fs::read(fixture("tiny.safetensors")).unwrap();
+    let mut ggux = gguf.clone();
+    ggux[3] = b'X';
+    let with_header_len = |n: u64| {
+        let mut bytes = safetensors.clone();
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        bytes
+    };
+    let cases: [(&str, Vec<u8>, &str, &str); 4] = [
+        ("ggux.bin", ggux, "gguf", "magic"),
+        ("model.gguf", Vec::new(), "gguf", "magic"),
+        (
+            "huge-header.bin",
+            with_header_len(1 << 60),
+            "safetensors",
+            "header length",
+        ),
+        (
+            "over-cap.bin",
+            with_header_len(100 * 1024 * 1024 + 1),
+            "safetensors",
+            "header length",
+        ),
+    ];
+    let token = dir.path().join("token");
+    crate::support::write_secret(token.clone(), crate::support::TEST_TOKEN);
+    for (name, bytes, format, field) in &cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = bin().arg("inspect").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{name}: inspect accepted it");
+        assert!(
+            stderr.contains(format) && stderr.contains(field) && stderr.contains("at byte"),
+            "{name}: {stderr}"
+        );
+        let out = bin()
+            .arg("seal")
+            .arg(&path)
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--backend", "sim", "--json"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{name}: sealed");
+        assert!(out.stdout.is_empty(), "{name}: printed a seal");
+        if !bytes.is_empty() {
+            assert!(stderr.contains(format), "{name}: {stderr}");
+        }
+    }
+    // The explicit choice seals the same bytes as raw, and says so.
+    let path = dir.path().join("ggux.bin");
+    let out = bin()
+        .arg("seal")
+        .arg(&path)
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--backend", "sim", "--json", "--format", "raw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["format"]["format"], "raw");
+}
+
+#[test]
+fn overlapping_and_out_of_bounds_safetensors_entries_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, json: &str, data: usize| {
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, data));
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let overlap = write(
+        "overlap.safetensors",
+        r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}"#,
+        8,
+    );
+    let outside = write(
+        "outside.safetensors",
+        r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}"#,
+        6,
+    );
+    for (path, words) in [
+        (overlap, "overlaps tensor \"a\""),
+        (outside, "out of bounds"),
+    ] {
+        let out = bin().arg("inspect").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success());
+        assert!(stderr.contains(words), "{stderr}");
+    }
+}

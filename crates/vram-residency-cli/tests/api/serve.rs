@@ -1690,3 +1690,39 @@ fn openapi_documents_every_route() {
         assert!(spec.contains(code), "error code {code} is not documented");
     }
 }
+
+#[test]
+fn serve_a_model_that_claims_a_format_but_does_not_parse_is_422_malformed_model_and_changes_nothing_iv_001()
+ {
+    let home = Home::new();
+    let mut ggux = std::fs::read(repo_path(
+        "crates/vram-residency/tests/fixtures/tiny-v3.gguf",
+    ))
+    .unwrap();
+    ggux[3] = b'X';
+    home.model("ggux.bin", &ggux);
+    home.model("empty-named.gguf", b"");
+    let server = home.start(&[]);
+    let refused = server.post("/v1/shards", &json!({"model": "ggux.bin", "gpu": 0}));
+    assert_error(&refused, 422, "malformed_model");
+    assert!(refused.text.contains("magic"), "{}", refused.text);
+    assert_nothing_changed(&server, &home);
+    let empty = server.post(
+        "/v1/shards",
+        &json!({"model": "empty-named.gguf", "gpu": 0}),
+    );
+    assert_eq!(empty.status, 422, "{}", empty.text);
+    let bad_choice = server.post(
+        "/v1/shards",
+        &json!({"model": "ggux.bin", "gpu": 0, "format": "GGUF"}),
+    );
+    assert_error(&bad_choice, 400, "invalid_field");
+    assert_nothing_changed(&server, &home);
+    // Named explicitly, the same bytes are sealed as raw.
+    let raw = server.post(
+        "/v1/shards",
+        &json!({"model": "ggux.bin", "gpu": 0, "shard_id": "r", "format": "raw"}),
+    );
+    assert_eq!(raw.status, 201, "{}", raw.text);
+    assert_eq!(raw.json["format"]["format"], "raw");
+}

@@ -21,15 +21,22 @@
 //!   field.
 //! - **No panics**, no `unsafe`, checked arithmetic throughout.
 //!
-//! # Detection
+//! # Detection (fails closed)
 //!
-//! - **GGUF**: the file starts with the magic `GGUF`.
-//! - **safetensors**: the file is at least 9 bytes long, byte 8 is `{`, and the little-endian `u64`
-//!   `N` in bytes 0..8 satisfies `2 <= N <= max(file_len - 8, 100 MiB)`. The parser then requires
-//!   `N <= min(file_len - 8, 100 MiB)`: a safetensors file whose header length is larger than the
-//!   file or the cap is rejected rather than sealed as raw bytes.
-//! - **Raw**: anything else: one tensor named `raw`, dtype `u8`, shape `[file_len]`, covering the
-//!   whole file.
+//! The caller may say what the file is ([`FormatChoice`]: `gguf`, `safetensors`, or `raw` to seal
+//! any bytes as one tensor); then the file must parse as that. With [`FormatChoice::Auto`] (the
+//! default) a file **claims** a format by its name or its first bytes, and must then parse as that
+//! format or be refused:
+//!
+//! - **GGUF** is claimed by the extension `.gguf`, or by first four bytes within one byte of the
+//!   magic `GGUF` (`GGUX`, `gGUF`, …).
+//! - **safetensors** is claimed by the extension `.safetensors`, by `{` at byte 8, or by a plausible
+//!   header length: the little-endian `u64` `N` in bytes 0..8 with `2 <= N <= file_len - 8`. The
+//!   100 MiB header cap ([`SAFETENSORS_HEADER_CAP`]) is a cap the parser enforces, not a detection
+//!   rule: a file with `{` at byte 8 and a header length of 2^60 is a malformed safetensors file.
+//! - A name and bytes that claim different formats are refused.
+//! - **Raw** — one tensor named `raw`, dtype `u8`, shape `[file_len]`, covering the whole file — is
+//!   chosen automatically only for a file that claims nothing.
 //!
 //! # Shape order
 //!
@@ -233,20 +240,69 @@ pub struct ModelFormatError {
     pub reason: String,
 }
 
-/// Detects the format of a model file and reads its tensor table from the header.
+/// What the caller says a model file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FormatChoice {
+    /// Detect it; a file that claims a format must parse as that format (see the module docs).
+    #[default]
+    Auto,
+    /// Seal the bytes as one raw tensor, whatever they look like.
+    Raw,
+    /// It must parse as GGUF.
+    Gguf,
+    /// It must parse as safetensors.
+    Safetensors,
+}
+
+impl std::str::FromStr for FormatChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "raw" => Ok(Self::Raw),
+            "gguf" => Ok(Self::Gguf),
+            "safetensors" => Ok(Self::Safetensors),
+            other => Err(format!(
+                "unknown format {other:?}: expected auto, raw, gguf or safetensors"
+            )),
+        }
+    }
+}
+
+/// Detects the format of a model file and reads its tensor table from the header
+/// ([`FormatChoice::Auto`], no file name).
 ///
 /// `reader` must be positioned at byte 0 of the file and `file_len` must be the file's size; the
 /// tensor bounds are checked against `file_len`. Only the header is read (see the module docs).
 ///
 /// # Errors
 ///
-/// [`ModelFormatError`] when the file looks like GGUF or safetensors but its header is malformed,
+/// [`ModelFormatError`] when the file claims GGUF or safetensors but its header is malformed,
 /// truncated, exceeds a cap, or describes tensors that do not fit the file; also when the reader
 /// fails or ends before `file_len` promised.
 pub fn read_tensor_table(
     reader: &mut dyn Read,
     file_len: u64,
 ) -> Result<TensorTable, ModelFormatError> {
+    read_tensor_table_as(reader, file_len, FormatChoice::Auto, None)
+}
+
+/// [`read_tensor_table`] with the caller's [`FormatChoice`] and the file's name (its extension can
+/// claim a format).
+///
+/// # Errors
+///
+/// As [`read_tensor_table`]; also when the name and the first bytes claim different formats.
+pub fn read_tensor_table_as(
+    reader: &mut dyn Read,
+    file_len: u64,
+    choice: FormatChoice,
+    name: Option<&str>,
+) -> Result<TensorTable, ModelFormatError> {
+    if choice == FormatChoice::Raw {
+        return Ok(raw_table(file_len));
+    }
     let mut prefix = [0u8; DETECT_LEN];
     let want = usize::try_from(file_len).map_or(DETECT_LEN, |len| len.min(DETECT_LEN));
     let head = prefix.get_mut(..want).unwrap_or_default();
@@ -257,7 +313,12 @@ pub fn read_tensor_table(
         reason: io_reason(&e),
     })?;
     let head: &[u8] = head;
-    match detect(head, file_len) {
+    let detected = match choice {
+        FormatChoice::Gguf => Detected::Gguf,
+        FormatChoice::Safetensors => Detected::Safetensors,
+        FormatChoice::Auto | FormatChoice::Raw => detect(head, file_len, name)?,
+    };
+    match detected {
         Detected::Gguf => gguf::read(&mut head.chain(reader), file_len),
         Detected::Safetensors => safetensors::read(&mut head.chain(reader), file_len),
         Detected::Raw => Ok(raw_table(file_len)),
@@ -274,24 +335,70 @@ pub fn read_tensor_table_from_bytes(bytes: &[u8]) -> Result<TensorTable, ModelFo
     read_tensor_table(&mut reader, len_u64(bytes.len()))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Detected {
     Gguf,
     Safetensors,
     Raw,
 }
 
-fn detect(head: &[u8], file_len: u64) -> Detected {
-    if head.starts_with(gguf::MAGIC) {
-        return Detected::Gguf;
-    }
-    if let (Some(len_bytes), Some(b'{')) = (head.first_chunk::<8>(), head.get(8)) {
-        let n = u64::from_le_bytes(*len_bytes);
-        let plausible = file_len.saturating_sub(8).max(SAFETENSORS_HEADER_CAP);
-        if (2..=plausible).contains(&n) {
-            return Detected::Safetensors;
+impl Detected {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Gguf => "gguf",
+            Self::Safetensors => "safetensors",
+            Self::Raw => "raw",
         }
     }
-    Detected::Raw
+}
+
+/// The format a file claims (see the module docs); raw only when it claims nothing.
+fn detect(head: &[u8], file_len: u64, name: Option<&str>) -> Result<Detected, ModelFormatError> {
+    let by_name = name.and_then(|name| {
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".gguf") {
+            Some(Detected::Gguf)
+        } else if lower.ends_with(".safetensors") {
+            Some(Detected::Safetensors)
+        } else {
+            None
+        }
+    });
+    let gguf_magic = head.first_chunk::<4>().is_some_and(|magic| {
+        magic
+            .iter()
+            .zip(gguf::MAGIC)
+            .filter(|(a, b)| a == b)
+            .count()
+            >= 3
+    });
+    let safetensors_start = head.get(8) == Some(&b'{')
+        || head.first_chunk::<8>().is_some_and(|len_bytes| {
+            let n = u64::from_le_bytes(*len_bytes);
+            (2..=file_len.saturating_sub(8)).contains(&n)
+        });
+    let by_bytes = if gguf_magic {
+        Some(Detected::Gguf)
+    } else if safetensors_start {
+        Some(Detected::Safetensors)
+    } else {
+        None
+    };
+    match (by_name, by_bytes) {
+        (Some(named), Some(seen)) if named != seen => Err(ModelFormatError {
+            format: named.name(),
+            field: "magic".to_owned(),
+            offset: 0,
+            reason: format!(
+                "the file name says {} but its first bytes look like {}; name the format \
+                 explicitly (--format) if this is intended",
+                named.name(),
+                seen.name()
+            ),
+        }),
+        (Some(claimed), _) | (None, Some(claimed)) => Ok(claimed),
+        (None, None) => Ok(Detected::Raw),
+    }
 }
 
 fn raw_table(file_len: u64) -> TensorTable {
@@ -618,19 +725,14 @@ mod tests {
     }
 
     #[test]
-    fn unrecognised_or_short_files_are_one_raw_tensor() {
-        let mut not_safetensors = 1u64.to_le_bytes().to_vec(); // N = 1 < 2
-        not_safetensors.extend_from_slice(b"{}");
-        let mut no_brace = 2u64.to_le_bytes().to_vec();
-        no_brace.extend_from_slice(b"[]");
-        let inputs: [&[u8]; 7] = [
+    fn files_that_claim_nothing_are_one_raw_tensor() {
+        let inputs: [&[u8]; 6] = [
             b"",
             b"G",
             b"GGU",
             b"ggufGGUF",
             b"hello, I am not a model file",
-            &not_safetensors,
-            &no_brace,
+            &[1, 0, 0, 0, 0, 0, 0, 0, b'[', b']'], // N = 1 < 2 and no '{'
         ];
         for bytes in inputs {
             let table = read_tensor_table_from_bytes(bytes).unwrap();
@@ -650,16 +752,93 @@ mod tests {
         }
     }
 
+    fn read_as(
+        bytes: &[u8],
+        choice: FormatChoice,
+        name: Option<&str>,
+    ) -> Result<TensorTable, ModelFormatError> {
+        let mut reader = bytes;
+        read_tensor_table_as(&mut reader, bytes.len() as u64, choice, name)
+    }
+
     #[test]
     fn files_that_start_like_gguf_fail_closed_instead_of_becoming_raw() {
+        let mut near_magic = fixture("tiny-v3.gguf");
+        near_magic[3] = b'X'; // GGUX, written by the upstream writer, then one byte changed
         for bytes in [
             &b"GGUF"[..],
             b"GGUF\x03\x00\x00\x00garbage",
             b"GGUF not really",
+            b"GGUX\x03\x00\x00\x00",
+            b"gGUF\x03\x00\x00\x00",
+            &near_magic,
         ] {
             let e = read_tensor_table_from_bytes(bytes).unwrap_err();
             assert_eq!(e.format, "gguf", "{e}");
+            if !bytes.starts_with(b"GGUF") {
+                assert_eq!((e.field.as_str(), e.offset), ("magic", 0), "{e}");
+            }
         }
+    }
+
+    #[test]
+    fn files_that_start_like_safetensors_fail_closed_whatever_their_header_length() {
+        let with_len = |n: u64, rest: &[u8]| {
+            let mut bytes = n.to_le_bytes().to_vec();
+            bytes.extend_from_slice(rest);
+            bytes
+        };
+        for bytes in [
+            with_len(1, b"{}"),                          // '{' at byte 8, N too small
+            with_len(1 << 60, b"{\"a\":1}"),             // '{' at byte 8, N of 2^60
+            with_len(SAFETENSORS_HEADER_CAP + 1, b"{}"), // just over the 100 MiB cap
+            with_len(2, b"[]"),                          // a plausible length, no '{'
+        ] {
+            let e = read_tensor_table_from_bytes(&bytes).unwrap_err();
+            assert_eq!(e.format, "safetensors", "{e}");
+        }
+        // The cap is still enforced on a file large enough for the header.
+        let huge = with_len(SAFETENSORS_HEADER_CAP + 1, b"{");
+        let mut reader = &huge[..];
+        let e = read_tensor_table(&mut reader, SAFETENSORS_HEADER_CAP + 100).unwrap_err();
+        assert_eq!(e.format, "safetensors", "{e}");
+        assert!(e.reason.contains("cap"), "{e}");
+    }
+
+    #[test]
+    fn a_file_name_claims_its_format_and_must_agree_with_the_bytes() {
+        // An empty model.gguf is not an empty raw file.
+        let e = read_as(b"", FormatChoice::Auto, Some("model.gguf")).unwrap_err();
+        assert_eq!(e.format, "gguf", "{e}");
+        let e = read_as(b"not a header", FormatChoice::Auto, Some("w.SafeTensors")).unwrap_err();
+        assert_eq!(e.format, "safetensors", "{e}");
+        // Name and bytes disagree: refused, naming both.
+        let gguf = fixture("tiny-v3.gguf");
+        let e = read_as(&gguf, FormatChoice::Auto, Some("model.safetensors")).unwrap_err();
+        assert!(
+            e.reason.contains("says safetensors") && e.reason.contains("look like gguf"),
+            "{e}"
+        );
+        // Agreeing name and bytes, and a name that claims nothing, parse as usual.
+        assert!(read_as(&gguf, FormatChoice::Auto, Some("model.gguf")).is_ok());
+        assert!(read_as(&gguf, FormatChoice::Auto, Some("model.bin")).is_ok());
+    }
+
+    #[test]
+    fn an_explicit_choice_is_obeyed() {
+        let gguf = fixture("tiny-v3.gguf");
+        let raw = read_as(b"GGUF not really", FormatChoice::Raw, Some("x.gguf")).unwrap();
+        assert_eq!(raw.format, ModelFormat::Raw);
+        let e = read_as(&gguf, FormatChoice::Safetensors, None).unwrap_err();
+        assert_eq!(e.format, "safetensors", "{e}");
+        let e = read_as(b"hello, I am not a model file", FormatChoice::Gguf, None).unwrap_err();
+        assert_eq!(e.format, "gguf", "{e}");
+        assert_eq!(
+            read_as(&gguf, FormatChoice::Gguf, None).unwrap(),
+            read_tensor_table_from_bytes(&gguf).unwrap()
+        );
+        assert_eq!("raw".parse::<FormatChoice>(), Ok(FormatChoice::Raw));
+        assert!("GGUF".parse::<FormatChoice>().is_err());
     }
 
     #[test]

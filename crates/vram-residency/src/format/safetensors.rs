@@ -389,6 +389,15 @@ fn validate(
                 format!("begin {begin} is after end {end}"),
             ));
         };
+        if end > data_len {
+            return Err(r.error(
+                field("data_offsets"),
+                at,
+                format!(
+                    "out of bounds: data_offsets [{begin}, {end}] end past the {data_len}-byte data section"
+                ),
+            ));
+        }
         let shape = t.shape.0;
         let total_bits = shape
             .iter()
@@ -444,22 +453,13 @@ fn validate(
                 field(),
                 t.at,
                 format!(
-                    "starts at data byte {} inside tensor {}, which ends at {cursor}",
-                    t.begin,
-                    quoted(previous.unwrap_or_default())
+                    "overlaps tensor {}: starts at data byte {} inside it (it ends at {cursor})",
+                    quoted(previous.unwrap_or_default()),
+                    t.begin
                 ),
             ));
         }
-        if t.end > data_len {
-            return Err(r.error(
-                field(),
-                t.at,
-                format!(
-                    "ends at data byte {}, past the {data_len}-byte data section",
-                    t.end
-                ),
-            ));
-        }
+        // Every end is within the data section (checked per tensor above).
         cursor = t.end;
         previous = Some(&t.name);
     }
@@ -647,7 +647,7 @@ mod tests {
         let json = r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}"#;
         let e = err(json, 8);
         assert_eq!(e.field, "header[\"b\"].data_offsets");
-        assert!(e.reason.contains("inside tensor \"a\""), "{e}");
+        assert!(e.reason.contains("overlaps tensor \"a\""), "{e}");
     }
 
     #[test]
@@ -658,6 +658,7 @@ mod tests {
         assert_eq!(e.offset, 8 + json.len() as u64 + 4);
         let e = err(json, 3);
         assert_eq!(e.field, "header[\"a\"].data_offsets");
+        assert!(e.reason.contains("out of bounds"), "{e}");
         assert!(e.reason.contains("past the 3-byte data section"), "{e}");
     }
 
