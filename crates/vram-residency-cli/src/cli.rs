@@ -225,7 +225,7 @@ pub struct DemoArgs {
     /// Backend: `cuda` when present, otherwise `sim`; or name one.
     #[arg(long, value_parser = parse_backend)]
     pub backend: Option<BackendKind>,
-    /// Print the final summary as JSON on stdout.
+    /// Print one JSON document (the summary) on stdout; the narrative goes to stderr.
     #[arg(long)]
     pub json: bool,
 }

@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
@@ -21,7 +22,23 @@ use crate::bench::{gbps, human};
 use crate::cli::DemoArgs;
 use crate::progress;
 
+/// The simulated device of the demo (host memory): 4 GiB, as `serve --backend sim` by default.
+const SIM_DEMO_VRAM: u64 = 4 << 30;
+
+/// With `--json`, the narrative goes to stderr and stdout carries one JSON document.
+static NARRATIVE_TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// One line of the narrative.
+fn say(text: &str) {
+    if NARRATIVE_TO_STDERR.load(Ordering::Relaxed) {
+        eprintln!("{text}");
+    } else {
+        println!("{text}");
+    }
+}
+
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    NARRATIVE_TO_STDERR.store(args.json, Ordering::Relaxed);
     let (kind, backend, sim) = choose_backend(args)?;
     banner(kind);
 
@@ -37,6 +54,20 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let sink = Arc::new(MemoryAuditSink::default());
     let manager =
         VramManager::with_config(&token, backend, ManagerConfig::default(), sink.clone())?;
+    // Checked before anything is built or allocated: the model must fit the device.
+    let available = manager.capacity(0)?.available;
+    if args.size > available {
+        bail!(
+            "--size {} does not fit: GPU 0 of this backend has {} available{}",
+            human(args.size),
+            human(available),
+            if kind == BackendKind::Sim {
+                " (the sim backend simulates a 4 GiB device in host memory)"
+            } else {
+                ""
+            }
+        );
+    }
 
     step(
         1,
@@ -206,12 +237,16 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         });
         println!("{summary}");
     }
-    println!();
+    say("");
     if ok {
-        println!("demo: all steps behaved as designed (backend: {kind})");
+        say(&format!(
+            "demo: all steps behaved as designed (backend: {kind})"
+        ));
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("demo: FAILED, see UNEXPECTED lines above (backend: {kind})");
+        say(&format!(
+            "demo: FAILED, see UNEXPECTED lines above (backend: {kind})"
+        ));
         Ok(ExitCode::FAILURE)
     }
 }
@@ -324,7 +359,7 @@ fn choose_backend(
     let sim = || {
         let sim = SimBackend::new(SimConfig {
             devices: 1,
-            bytes_per_device: args.size.saturating_mul(2).max(1 << 30),
+            bytes_per_device: SIM_DEMO_VRAM,
         });
         let backend: Arc<dyn vram_residency::Backend> = Arc::new(sim.clone());
         (BackendKind::Sim, backend, Some(sim))
@@ -347,22 +382,20 @@ fn choose_backend(
 }
 
 fn banner(kind: BackendKind) {
-    println!("vram-residency demo, backend: {kind}");
+    say(&format!("vram-residency demo, backend: {kind}"));
     if kind == BackendKind::Sim {
-        println!(
-            "  *** sim backend: simulated device memory in host RAM. This shows the logic, it is"
-        );
-        println!("  *** NOT VRAM residency. Every record below says backend: sim. ***");
+        say("  *** sim backend: simulated device memory in host RAM. This shows the logic, it is");
+        say("  *** NOT VRAM residency. Every record below says backend: sim. ***");
     }
-    println!();
+    say("");
 }
 
 fn step(n: u32, text: &str) {
-    println!("[{n}] {text}");
+    say(&format!("[{n}] {text}"));
 }
 
 fn detail(text: &str) {
-    println!("    {text}");
+    say(&format!("    {text}"));
 }
 
 fn hex_encode(bytes: &[u8]) -> String {
@@ -404,7 +437,15 @@ fn synthetic_model(len: usize) -> anyhow::Result<SyntheticModel> {
         json.push(b' ');
     }
     let data_len = TENSORS.saturating_mul(per_tensor).saturating_mul(4);
-    let mut bytes = Vec::with_capacity(json.len().saturating_add(8).saturating_add(data_len));
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(json.len().saturating_add(8).saturating_add(data_len))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cannot hold a {} model in host memory to build it; choose a smaller --size",
+                human(data_len as u64)
+            )
+        })?;
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&json);
     let data_offset = bytes.len() as u64;

@@ -26,10 +26,27 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, `: `-separated, each cause once: a cause whose text a message above it
+/// already contains (our errors name their cause in their own message) is not repeated.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn init_logging(verbose: u8) {
@@ -44,4 +61,25 @@ fn init_logging(verbose: u8) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "No such file or directory (os error 2)",
+        );
+        let inner = vram_residency::VramError::Io {
+            path: "model.bin".into(),
+            source: io,
+        };
+        let error = anyhow::Error::new(inner).context("sealing model.bin");
+        assert_eq!(
+            super::error_chain(&error),
+            "sealing model.bin: reading model.bin: No such file or directory (os error 2)"
+        );
+    }
 }

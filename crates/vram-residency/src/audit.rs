@@ -314,29 +314,83 @@ impl AuditSink for MemoryAuditSink {
     }
 }
 
-/// Emits `entry` as a structured `tracing` event at a level matching its severity.
+/// Emits `entry` as a `tracing` event at a level matching its severity, its fields as readable
+/// `key=value` pairs (the same fields as the audit log's JSON, never Rust `Debug` structs).
 pub(crate) fn trace(entry: &AuditEntry) {
+    let fields = key_values(&entry.event);
+    let event = entry.event.name();
+    let backend = entry.backend;
     match entry.severity {
-        Severity::Info => tracing::info!(
-            target: "vram_residency::audit",
-            event = entry.event.name(),
-            backend = %entry.backend,
-            detail = ?entry.event,
-            "audit"
-        ),
-        Severity::Warning => tracing::warn!(
-            target: "vram_residency::audit",
-            event = entry.event.name(),
-            backend = %entry.backend,
-            detail = ?entry.event,
-            "audit"
-        ),
+        Severity::Info => {
+            tracing::info!(target: "vram_residency::audit", "audit {event} backend={backend} {fields}");
+        }
+        Severity::Warning => {
+            tracing::warn!(target: "vram_residency::audit", "audit {event} backend={backend} {fields}");
+        }
         Severity::Critical => tracing::error!(
             target: "vram_residency::audit",
-            event = entry.event.name(),
-            backend = %entry.backend,
-            detail = ?entry.event,
-            "audit: SECURITY INCIDENT"
+            "audit: SECURITY INCIDENT {event} backend={backend} {fields}"
         ),
+    }
+}
+
+/// The event's fields (without `event`) as `key=value` pairs: strings bare when they hold no space,
+/// quote or `=`, else JSON-quoted; lists and numbers as JSON.
+#[must_use]
+pub fn key_values(event: &AuditEvent) -> String {
+    let Ok(serde_json::Value::Object(map)) = serde_json::to_value(event) else {
+        return String::new();
+    };
+    map.iter()
+        .filter(|(key, _)| key.as_str() != "event")
+        .map(|(key, value)| {
+            let text = match value {
+                serde_json::Value::String(s)
+                    if !s.is_empty() && !s.contains([' ', '"', '=', '\n']) =>
+                {
+                    s.clone()
+                }
+                other => other.to_string(),
+            };
+            format!("{key}={text}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_events_render_as_key_value_pairs_not_debug_structs() {
+        let event = AuditEvent::SealVerificationFailed {
+            shard_id: ShardId::new("s-1").unwrap(),
+            gpu: 0,
+            kind: FailureKind::Corruption,
+            damaged: vec![ByteRange {
+                start: 0,
+                end: 524_288,
+            }],
+            tensors: vec!["model.layers.1.mlp.weight".to_owned()],
+        };
+        let text = key_values(&event);
+        assert!(text.contains("shard_id=s-1"), "{text}");
+        assert!(text.contains("kind=corruption"), "{text}");
+        assert!(
+            text.contains("tensors=[\"model.layers.1.mlp.weight\"]"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ByteRange") && !text.contains("SealVerificationFailed"),
+            "{text}"
+        );
+        let stopped = AuditEvent::WorkerStopped {
+            reason: "VRAM corruption in shard s-1".to_owned(),
+        };
+        assert_eq!(
+            key_values(&stopped),
+            "reason=\"VRAM corruption in shard s-1\""
+        );
     }
 }

@@ -34,9 +34,7 @@ pub enum VramError {
     },
 
     /// The GPU index does not name a device of this backend (IV-002).
-    #[error(
-        "GPU index {gpu} is out of range: this backend has {count} device(s) (valid: 0..{count})"
-    )]
+    #[error("GPU index {gpu} is out of range: {}", valid_gpus(*count))]
     InvalidGpuIndex {
         /// The requested index.
         gpu: u32,
@@ -289,6 +287,15 @@ fn name_list(names: &[String]) -> String {
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = VramError> = std::result::Result<T, E>;
+
+/// "this backend has 1 device (valid: 0)", "… 4 devices (valid: 0 to 3)", "… no device".
+fn valid_gpus(count: u32) -> String {
+    match count {
+        0 => "this backend has no device".to_owned(),
+        1 => "this backend has 1 device (valid: 0)".to_owned(),
+        n => format!("this backend has {n} devices (valid: 0 to {})", n.saturating_sub(1)),
+    }
+}
 
 impl From<EncodingError> for VramError {
     fn from(error: EncodingError) -> Self {

@@ -58,8 +58,9 @@ pub struct ServeArgs {
     /// Serve /metrics without a token. Only with a loopback --listen address.
     #[arg(long)]
     pub metrics_without_token: bool,
-    /// Address to listen on. Loopback by default; anything else should sit behind a TLS proxy.
-    #[arg(long, env = "VRAM_RESIDENCY_LISTEN", default_value = "127.0.0.1:8470")]
+    /// Address to listen on: IP:PORT, or localhost:PORT (127.0.0.1). Loopback by default; anything
+    /// else should sit behind a TLS proxy.
+    #[arg(long, env = "VRAM_RESIDENCY_LISTEN", default_value = "127.0.0.1:8470", value_parser = parse_listen)]
     pub listen: SocketAddr,
     /// The signed, hash-chained audit log (created with its first record if missing; verified and
     /// continued if present; a file with no valid record is refused).
@@ -79,6 +80,27 @@ pub struct ServeArgs {
     /// Seals, verifications and attestations running at once; more wait their turn.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_PARALLEL_OPS", default_value_t = 4)]
     pub max_parallel_ops: u32,
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or `localhost:PORT` (loopback, IPv4); a bare port gets a hint.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{port:?} is not a port number (0 to 65535)"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if text.parse::<u16>().is_ok() {
+        return Err(format!(
+            "{text:?} is a bare port; give an address with it, e.g. 127.0.0.1:{text} or localhost:{text}"
+        ));
+    }
+    Err(format!(
+        "{text:?} is not an address: expected IP:PORT (127.0.0.1:8470, [::1]:8470) or localhost:PORT"
+    ))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -285,5 +307,29 @@ async fn shutdown_signal() -> &'static str {
             let _ = tokio::signal::ctrl_c().await;
             "SIGINT"
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    #[test]
+    fn listen_accepts_ip_port_and_localhost_and_hints_at_a_bare_port() {
+        assert_eq!(
+            super::parse_listen("127.0.0.1:8470").unwrap().to_string(),
+            "127.0.0.1:8470"
+        );
+        assert_eq!(
+            super::parse_listen("[::1]:0").unwrap().to_string(),
+            "[::1]:0"
+        );
+        assert_eq!(
+            super::parse_listen("localhost:0").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
+        let hint = super::parse_listen("8471").unwrap_err();
+        assert!(hint.contains("127.0.0.1:8471"), "{hint}");
+        assert!(super::parse_listen("localhost:http").is_err());
+        assert!(super::parse_listen("example.org:80").is_err());
     }
 }

@@ -261,11 +261,11 @@ fn demo_detects_corruption_and_stops_the_worker() {
         .unwrap();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("backend: sim"), "{stdout}");
-    assert!(stdout.contains("DETECTED: corruption"), "{stdout}");
-    assert!(stdout.contains("seal refused: worker stopped"), "{stdout}");
-    let summary = stdout.lines().find(|l| l.starts_with('{')).unwrap();
-    let json: serde_json::Value = serde_json::from_str(summary).unwrap();
+    // With --json, stdout is one JSON document; the narrative is on stderr.
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(stderr.contains("backend: sim"), "{stderr}");
+    assert!(stderr.contains("DETECTED: corruption"), "{stderr}");
+    assert!(stderr.contains("seal refused: worker stopped"), "{stderr}");
     assert_eq!(json["backend"], "sim");
     assert_eq!(json["corruption_step"], "ran");
     assert_eq!(json["all_steps_ok"], true);
@@ -276,9 +276,28 @@ fn demo_detects_corruption_and_stops_the_worker() {
         true
     );
     assert!(
-        stdout.contains("checked with the public key alone"),
-        "{stdout}"
+        stderr.contains("checked with the public key alone"),
+        "{stderr}"
     );
+}
+
+#[test]
+fn demo_refuses_a_size_the_device_cannot_hold_before_building_anything() {
+    let out = bin()
+        .args(["demo", "--size", "100GiB", "--backend", "sim"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("does not fit") && stderr.contains("4.0 GiB"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("memory allocation"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("[1]"), "nothing was built: {stdout}");
 }
 
 #[test]
@@ -290,15 +309,15 @@ fn demo_uses_cuda_when_a_gpu_is_present_and_says_which_backend_it_used() {
         .unwrap();
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let summary = stdout.lines().find(|l| l.starts_with('{')).unwrap();
-    let json: serde_json::Value = serde_json::from_str(summary).unwrap();
+    // stdout is one JSON document; the narrative is on stderr.
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     if vram_residency_cuda::driver_present() {
-        assert!(stdout.contains("demo, backend: cuda"), "{stdout}");
+        assert!(stderr.contains("demo, backend: cuda"), "{stderr}");
         assert_eq!(json["backend"], "cuda");
         assert_eq!(json["all_steps_ok"], true);
     } else {
         assert!(stderr.contains("using the sim backend"), "{stderr}");
-        assert!(stdout.contains("demo, backend: sim"), "{stdout}");
+        assert!(stderr.contains("demo, backend: sim"), "{stderr}");
         assert_eq!(json["backend"], "sim");
     }
 }
