@@ -95,6 +95,10 @@ pub struct BackendArgs {
     /// Refuse to start unless every GPU has ECC enabled (integrated GPUs are always refused).
     #[arg(long, env = "VRAM_RESIDENCY_REQUIRE_ECC")]
     pub require_ecc: bool,
+    /// Refuse to start unless no GPU can read pageable host memory directly (HMM/ATS, VP-002): on
+    /// such a GPU a kernel could use weights that never left host RAM.
+    #[arg(long, env = "VRAM_RESIDENCY_REQUIRE_NO_PAGEABLE_ACCESS")]
+    pub require_no_pageable_access: bool,
     /// Read model files with O_DIRECT (bypassing the page cache) when uploading (cuda only).
     #[arg(long, env = "VRAM_RESIDENCY_DIRECT_IO")]
     pub direct_io: bool,
@@ -135,6 +139,7 @@ impl BackendArgs {
             headroom_bytes: self.headroom,
             device_policy: vram_residency::DevicePolicy {
                 require_ecc: self.require_ecc,
+                require_no_pageable_access: self.require_no_pageable_access,
             },
         }
     }

@@ -26,6 +26,7 @@ pub fn run(args: &DevicesArgs) -> anyhow::Result<ExitCode> {
                 "backend": kind.name(),
                 "driver": driver,
                 "require_ecc": policy.require_ecc,
+                "require_no_pageable_access": policy.require_no_pageable_access,
                 "devices": list,
             })
         );
@@ -77,6 +78,30 @@ fn print_device(device: &DeviceInfo, verdict: &DeviceVerdict) {
         "  integrated: {}",
         yes_no(device.integrated, "yes (refused)", "no (discrete)")
     );
+    match &device.unified_memory {
+        Some(facts) => {
+            let yes = |v: bool| if v { "yes" } else { "no" };
+            println!(
+                "  unified memory: managed allocations {}, concurrent managed access {}",
+                yes(facts.managed_memory),
+                yes(facts.concurrent_managed_access)
+            );
+            println!(
+                "  reads pageable host memory directly (HMM/ATS): {}{}",
+                yes(facts.pageable_memory_access),
+                if facts.pageable_memory_access {
+                    if facts.pageable_memory_access_uses_host_page_tables {
+                        " (through the host's page tables: ATS)"
+                    } else {
+                        " (driver-managed: HMM)"
+                    }
+                } else {
+                    ""
+                }
+            );
+        }
+        None => println!("  unified memory: unknown"),
+    }
     match verdict {
         DeviceVerdict::Accepted => println!("  policy: accepted (weights may live here)"),
         DeviceVerdict::Simulated => println!("  policy: simulated (not residency)"),

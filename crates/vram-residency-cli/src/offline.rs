@@ -214,6 +214,18 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         vram_residency::shard::format_uuid(&record.device_uuid),
         attestation.driver_version
     );
+    match &attestation.unified_memory {
+        Some(facts) => println!(
+            "  unified mem:  managed allocations {}, reads pageable host memory directly (HMM/ATS) {}",
+            if facts.managed_memory { "yes" } else { "no" },
+            if facts.pageable_memory_access {
+                "YES"
+            } else {
+                "no"
+            }
+        ),
+        None => println!("  unified mem:  not reported (sim)"),
+    }
     println!("  residency:    {:?}", attestation.residency);
     println!(
         "  attested_at:  {}",

@@ -28,11 +28,42 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// The CUDA version the driver supports, e.g. `13.0` (from `cuDriverGetVersion`).
+/// The driver's version as operators know it — the NVIDIA kernel module's, e.g.
+/// `NVIDIA 580.159.04 (CUDA 13.0)` — read from `/proc/driver/nvidia/version`, with the CUDA version the
+/// driver supports (`cuDriverGetVersion`). Where the module version cannot be read it says so:
+/// `NVIDIA kernel module version unknown (CUDA 13.0)`.
 ///
 /// # Errors
 /// [`CudaError::Driver`]. Call [`init_driver`] first.
 pub fn driver_version() -> Result<String> {
+    let cuda = cuda_api_version()?;
+    let module = std::fs::read_to_string("/proc/driver/nvidia/version")
+        .ok()
+        .and_then(|text| kernel_module_version(&text));
+    Ok(match module {
+        Some(version) => format!("NVIDIA {version} (CUDA {cuda})"),
+        None => format!("NVIDIA kernel module version unknown (CUDA {cuda})"),
+    })
+}
+
+/// The version in `/proc/driver/nvidia/version`'s first line:
+/// `NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Tue …` → `580.159.04` (the first
+/// dotted number after `Kernel Module`, which also finds it in the open module's wording).
+fn kernel_module_version(text: &str) -> Option<String> {
+    let line = text.lines().next()?;
+    let after = line.split("Kernel Module").nth(1)?;
+    after
+        .split_whitespace()
+        .find(|token| {
+            token.contains('.')
+                && token.starts_with(|c: char| c.is_ascii_digit())
+                && token.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+        .map(str::to_owned)
+}
+
+/// The CUDA version the driver supports, e.g. `13.0` (`cuDriverGetVersion`).
+fn cuda_api_version() -> Result<String> {
     let mut version: std::ffi::c_int = 0;
     // SAFETY: the driver library is loaded (init_driver ran); `version` is a valid out-pointer for
     // the duration of the call.
@@ -41,7 +72,7 @@ pub fn driver_version() -> Result<String> {
         .map_err(CudaError::driver("cuDriverGetVersion"))?;
     let major = version / 1000;
     let minor = (version % 1000) / 10;
-    Ok(format!("CUDA {major}.{minor} driver"))
+    Ok(format!("{major}.{minor}"))
 }
 
 /// Number of CUDA devices.
@@ -63,6 +94,7 @@ pub struct Device {
     compute_capability: (i32, i32),
     ecc_enabled: bool,
     integrated: bool,
+    unified_memory: vram_residency::UnifiedMemoryFacts,
     multiprocessors: u32,
     /// The fs-verity kernel, compiled with NVRTC on first use and kept for the process's lifetime.
     pub(crate) kernel: Mutex<Option<CudaFunction>>,
@@ -116,6 +148,24 @@ impl Device {
             sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)",
         )?;
+        let unified_memory = vram_residency::UnifiedMemoryFacts {
+            managed_memory: attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY,
+                "cuDeviceGetAttribute(MANAGED_MEMORY)",
+            )? != 0,
+            concurrent_managed_access: attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS,
+                "cuDeviceGetAttribute(CONCURRENT_MANAGED_ACCESS)",
+            )? != 0,
+            pageable_memory_access: attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS,
+                "cuDeviceGetAttribute(PAGEABLE_MEMORY_ACCESS)",
+            )? != 0,
+            pageable_memory_access_uses_host_page_tables: attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES,
+                "cuDeviceGetAttribute(PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES)",
+            )? != 0,
+        };
         let name = ctx.name().map_err(CudaError::driver("cuDeviceGetName"))?;
         let uuid = ctx.uuid().map_err(CudaError::driver("cuDeviceGetUuid"))?;
         let total = ctx
@@ -130,6 +180,7 @@ impl Device {
             compute_capability: (major, minor),
             ecc_enabled: ecc != 0,
             integrated: integrated != 0,
+            unified_memory,
             multiprocessors: u32::try_from(multiprocessors).unwrap_or(1).max(1),
             kernel: Mutex::new(None),
             workspaces: Mutex::new(Vec::new()),
@@ -183,6 +234,7 @@ impl Device {
             )),
             ecc_enabled: Some(self.ecc_enabled),
             integrated: Some(self.integrated),
+            unified_memory: Some(self.unified_memory),
         })
     }
 
@@ -213,5 +265,25 @@ impl Device {
         let function = crate::kernels::compile(self)?;
         *slot = Some(function.clone());
         Ok(function)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_kernel_module_version_is_read_from_proc_driver_nvidia_version() {
+        let text = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Tue Oct 28 09:06:57 UTC 2025\nGCC version:  gcc version 12.2.0\n";
+        assert_eq!(
+            super::kernel_module_version(text).as_deref(),
+            Some("580.159.04")
+        );
+        let open =
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n";
+        assert_eq!(
+            super::kernel_module_version(open).as_deref(),
+            Some("580.65.06")
+        );
+        assert_eq!(super::kernel_module_version("garbage"), None);
+        assert_eq!(super::kernel_module_version(""), None);
     }
 }

@@ -15,7 +15,8 @@
 //!            "subject":[{"name":<shard id>,"digest":{"fsverity-sha256":<hex>}}],
 //!            "predicateType":"https://example.invalid/vram-residency/residency/v1",
 //!            "predicate":{ backend, seal {record, tag, and the record's fields}, device {uuid, name,
-//!                          driver_version}, residency {verdict[, detail]}, nonce, attested_at_ns,
+//!                          driver_version, unified_memory}, residency {verdict[, detail]}, nonce,
+//!                          attested_at_ns,
 //!                          verification {result, digest, vram_bytes, elapsed_ns}, audit_head }}
 //! ```
 //!
@@ -35,7 +36,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use crate::audit::AuditHead;
-use crate::backend::{BackendKind, Residency};
+use crate::backend::{BackendKind, Residency, UnifiedMemoryFacts};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
 use crate::ids::format_uuid;
@@ -69,6 +70,8 @@ pub struct Attestation {
     pub device_name: String,
     /// The driver version (`sim` for the simulated backend).
     pub driver_version: String,
+    /// What the driver says about unified memory on the device (`None` on `sim`).
+    pub unified_memory: Option<UnifiedMemoryFacts>,
     /// Where the backend found the bytes, checked for this attestation.
     pub residency: Residency,
     /// The caller's nonce.
@@ -186,6 +189,7 @@ impl Attestation {
                     uuid: format_uuid(&record.device_uuid),
                     name: self.device_name.clone(),
                     driver_version: self.driver_version.clone(),
+                    unified_memory: self.unified_memory,
                 },
                 residency: WireResidency {
                     verdict: verdict.to_owned(),
@@ -237,6 +241,7 @@ impl Attestation {
             seal_tag: Tag::from_bytes(hex32(&predicate.seal.tag, "seal.tag")?),
             device_name: predicate.device.name.clone(),
             driver_version: predicate.device.driver_version.clone(),
+            unified_memory: predicate.device.unified_memory,
             residency,
             nonce: hex::decode(&predicate.nonce).map_err(|_| malformed("nonce is not hex"))?,
             attested_at_ns: predicate.attested_at_ns,
@@ -490,6 +495,7 @@ struct WireDevice {
     uuid: String,
     name: String,
     driver_version: String,
+    unified_memory: Option<UnifiedMemoryFacts>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -561,6 +567,7 @@ mod tests {
             seal_tag: Tag::from_bytes([3; 32]),
             device_name: "sim device 0".to_owned(),
             driver_version: "sim".to_owned(),
+            unified_memory: None,
             residency: Residency::Simulated,
             nonce: vec![0xab; 16],
             attested_at_ns: 1_700_000_001_000_000_000,

@@ -95,6 +95,26 @@ pub struct DeviceInfo {
     pub ecc_enabled: Option<bool>,
     /// Whether the GPU is integrated (shares host RAM, so "VRAM" is host memory); `None` on `sim`.
     pub integrated: Option<bool>,
+    /// What the driver says about unified memory on this device (VP-002); `None` on `sim`.
+    pub unified_memory: Option<UnifiedMemoryFacts>,
+}
+
+/// What the driver reports about unified memory on a device (`cuDeviceGetAttribute`). Shards never
+/// use managed memory (they are `cuMemAlloc` allocations, checked at every verification), but these
+/// facts say what *else* the GPU could read: with pageable memory access (HMM or ATS) a kernel can
+/// dereference ordinary host pointers, so weights an engine kept in host RAM would work without ever
+/// being copied to VRAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnifiedMemoryFacts {
+    /// The device supports managed allocations (`cuMemAllocManaged`).
+    pub managed_memory: bool,
+    /// The device and the host can access managed memory concurrently.
+    pub concurrent_managed_access: bool,
+    /// The device can access pageable host memory (`malloc`ed, not registered) directly: HMM or ATS.
+    pub pageable_memory_access: bool,
+    /// ... through the host's page tables (ATS, e.g. Grace Hopper), not driver-managed migration.
+    pub pageable_memory_access_uses_host_page_tables: bool,
 }
 
 /// The device part of the VRAM-only policy (VP-001, WORKER-4163), checked when a manager starts.
@@ -102,6 +122,9 @@ pub struct DeviceInfo {
 pub struct DevicePolicy {
     /// Refuse devices whose ECC is off or unknown.
     pub require_ecc: bool,
+    /// Refuse devices that can read pageable host memory directly (HMM/ATS), or for which the
+    /// driver does not say (VP-002).
+    pub require_no_pageable_access: bool,
 }
 
 /// The policy verdict on one device.
@@ -148,6 +171,21 @@ impl DevicePolicy {
                     _ => "unknown",
                 }
             ));
+        }
+        if self.require_no_pageable_access {
+            let can = device
+                .unified_memory
+                .map(|facts| facts.pageable_memory_access);
+            if can != Some(false) {
+                return DeviceVerdict::Refused(format!(
+                    "GPU {}: {} and the policy requires a GPU that cannot (VP-002)",
+                    device.index,
+                    match can {
+                        Some(_) => "it can read pageable host memory directly (HMM/ATS)",
+                        None => "the driver did not say whether it can read pageable host memory",
+                    }
+                ));
+            }
         }
         DeviceVerdict::Accepted
     }
@@ -371,13 +409,22 @@ mod tests {
             compute_capability: Some("9.0".to_owned()),
             ecc_enabled: ecc,
             integrated,
+            unified_memory: Some(UnifiedMemoryFacts {
+                managed_memory: true,
+                concurrent_managed_access: true,
+                pageable_memory_access: false,
+                pageable_memory_access_uses_host_page_tables: false,
+            }),
         }
     }
 
     #[test]
     fn device_policy_refuses_integrated_gpus_and_unknowns_and_ecc_off_when_required_vp_001() {
         let lax = DevicePolicy::default();
-        let strict = DevicePolicy { require_ecc: true };
+        let strict = DevicePolicy {
+            require_ecc: true,
+            ..DevicePolicy::default()
+        };
         let cuda = BackendKind::Cuda;
         assert_eq!(
             lax.verdict(cuda, &gpu(Some(false), Some(false))),
@@ -407,6 +454,34 @@ mod tests {
         assert_eq!(
             strict.verdict(BackendKind::Sim, &gpu(None, None)),
             DeviceVerdict::Simulated
+        );
+    }
+
+    #[test]
+    fn device_policy_can_require_a_gpu_that_cannot_read_pageable_host_memory_vp_002() {
+        let policy = DevicePolicy {
+            require_no_pageable_access: true,
+            ..DevicePolicy::default()
+        };
+        let cuda = BackendKind::Cuda;
+        let plain = gpu(Some(false), Some(true));
+        assert_eq!(policy.verdict(cuda, &plain), DeviceVerdict::Accepted);
+        let mut hmm = plain.clone();
+        if let Some(facts) = hmm.unified_memory.as_mut() {
+            facts.pageable_memory_access = true;
+        }
+        let mut unknown = plain.clone();
+        unknown.unified_memory = None;
+        for (device, needle) in [(hmm.clone(), "can read pageable"), (unknown, "did not say")] {
+            match policy.verdict(cuda, &device) {
+                DeviceVerdict::Refused(reason) => assert!(reason.contains(needle), "{reason}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Without the requirement such a device is accepted (and `devices` reports the fact).
+        assert_eq!(
+            DevicePolicy::default().verdict(cuda, &hmm),
+            DeviceVerdict::Accepted
         );
     }
 

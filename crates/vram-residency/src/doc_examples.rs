@@ -165,6 +165,7 @@ pub(crate) fn worked_example_attestation() -> Attestation {
         seal_tag: tag,
         device_name: "sim device 0 (host memory, not a GPU)".to_owned(),
         driver_version: "sim".to_owned(),
+        unified_memory: None,
         residency: Residency::Simulated,
         nonce: (0u8..16).collect(),
         attested_at_ns: 1_767_225_660_000_000_000,

@@ -293,7 +293,10 @@ fn valid_gpus(count: u32) -> String {
     match count {
         0 => "this backend has no device".to_owned(),
         1 => "this backend has 1 device (valid: 0)".to_owned(),
-        n => format!("this backend has {n} devices (valid: 0 to {})", n.saturating_sub(1)),
+        n => format!(
+            "this backend has {n} devices (valid: 0 to {})",
+            n.saturating_sub(1)
+        ),
     }
 }
 

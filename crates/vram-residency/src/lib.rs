@@ -120,7 +120,8 @@ pub use audit::{
 };
 pub use audit_log::AuditLog;
 pub use backend::{
-    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency, Weights,
+    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency,
+    UnifiedMemoryFacts, Weights,
 };
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};

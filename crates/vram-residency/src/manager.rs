@@ -646,6 +646,7 @@ impl VramManager {
             seal_tag: shard.tag,
             device_name: device.name.clone(),
             driver_version: self.backend.driver_version()?,
+            unified_memory: device.unified_memory,
             residency: report.residency,
             nonce: nonce.to_vec(),
             attested_at_ns: unix_nanos(SystemTime::now()),

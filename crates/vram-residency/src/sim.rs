@@ -164,6 +164,7 @@ impl Backend for SimBackend {
                 compute_capability: None,
                 ecc_enabled: None,
                 integrated: None,
+                unified_memory: None,
             })
             .collect())
     }

@@ -97,8 +97,33 @@ fn gpu_devices_report_discrete_gpus_with_policy_facts_vp_001() {
         assert!(device.ecc_enabled.is_some());
         assert_eq!(device.integrated, Some(false), "{}", device.name);
         assert_ne!(device.uuid, [0u8; 16]);
+        // The driver's unified-memory facts are reported for every real GPU (VP-002).
+        let facts = device
+            .unified_memory
+            .expect("unified-memory facts on a CUDA device");
+        println!(
+            "{}: managed memory {}, concurrent managed access {}, pageable memory access {}, via host page tables {}",
+            device.name,
+            facts.managed_memory,
+            facts.concurrent_managed_access,
+            facts.pageable_memory_access,
+            facts.pageable_memory_access_uses_host_page_tables
+        );
     }
-    assert!(gpu.backend.driver_version().unwrap().starts_with("CUDA "));
+    // The real driver (kernel module) version where the host exposes it, with the CUDA version.
+    let driver = gpu.backend.driver_version().unwrap();
+    println!("driver: {driver}");
+    assert!(
+        driver.starts_with("NVIDIA ") && driver.contains("(CUDA "),
+        "{driver}"
+    );
+    if let Ok(text) = std::fs::read_to_string("/proc/driver/nvidia/version") {
+        let module = text
+            .split_whitespace()
+            .find(|t| t.contains('.') && t.chars().all(|c| c.is_ascii_digit() || c == '.'))
+            .unwrap();
+        assert!(driver.contains(module), "{driver} vs {text}");
+    }
 }
 
 #[test]

@@ -467,7 +467,10 @@ fn a_worker_refuses_to_start_on_an_integrated_gpu_or_without_required_ecc_and_au
             ecc,
         });
         let config = ManagerConfig {
-            device_policy: vram_residency::DevicePolicy { require_ecc },
+            device_policy: vram_residency::DevicePolicy {
+                require_ecc,
+                ..vram_residency::DevicePolicy::default()
+            },
             ..ManagerConfig::default()
         };
         match VramManager::with_config(&token(), backend, config, audit.clone()) {
@@ -490,7 +493,10 @@ fn a_worker_refuses_to_start_on_an_integrated_gpu_or_without_required_ecc_and_au
         ecc: true,
     });
     let config = ManagerConfig {
-        device_policy: vram_residency::DevicePolicy { require_ecc: true },
+        device_policy: vram_residency::DevicePolicy {
+            require_ecc: true,
+            ..vram_residency::DevicePolicy::default()
+        },
         ..ManagerConfig::default()
     };
     assert!(
