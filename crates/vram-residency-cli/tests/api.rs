@@ -14,6 +14,8 @@
 
 #[path = "api/cli.rs"]
 mod cli;
+#[path = "api/docs.rs"]
+mod docs;
 #[path = "api/formats.rs"]
 mod formats;
 #[path = "api/fsverity_oracle.rs"]
