@@ -404,10 +404,10 @@ fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
             println!("tensors: {count}");
         }
         if let Some(table) = &view.tensor_table_digest {
-            println!("tensor_table_digest: sha256:{table}");
+            println!("tensor_table_digest: {table}");
         }
         println!("seal_version: {}", view.seal_version);
-        println!("seal_tag: hmac-sha256:{}", view.seal_tag);
+        println!("seal_tag: {}", view.seal_tag);
     }
     manager.deallocate(shard)?;
     Ok(ExitCode::SUCCESS)

@@ -104,7 +104,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     detail(&format!("backend: {}", view.backend));
     detail(&format!("digest: {}", view.digest));
-    detail(&format!("seal_tag: hmac-sha256:{}", view.seal_tag));
+    detail(&format!("seal_tag: {}", view.seal_tag));
     if let (Some(format), Some(count)) = (view.format, view.tensor_count) {
         detail(&format!(
             "format: {} with {count} tensors; tensor table sealed too",

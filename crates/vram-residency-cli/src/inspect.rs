@@ -19,7 +19,24 @@ pub fn run(path: &Path, json: bool, format: FormatChoice) -> anyhow::Result<Exit
     let table = read_tensor_table_as(&mut BufReader::new(file), len, format, name)
         .with_context(|| format!("{} was rejected", path.display()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&table)?);
+        // Everything the human output shows, with the same flat `format` and prefixed digest as
+        // the seal record's JSON.
+        let (format, version) = match table.format {
+            ModelFormat::Raw => ("raw", None),
+            ModelFormat::Gguf { version } => ("gguf", Some(version)),
+            ModelFormat::Safetensors => ("safetensors", None),
+        };
+        let document = serde_json::json!({
+            "file": path.display().to_string(),
+            "size": len,
+            "format": format,
+            "format_version": version,
+            "data_offset": table.data_offset,
+            "tensor_table_digest": format!("sha256:{}", hex_string(&table.digest()?)),
+            "tensors": table.tensors,
+            "metadata": table.metadata,
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
         print_table(path, len, &table)?;
     }

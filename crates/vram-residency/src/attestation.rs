@@ -172,7 +172,11 @@ impl Attestation {
                 backend: record.backend.name().to_owned(),
                 seal: WireSeal {
                     record: hex::encode(record.encode()?),
-                    tag: self.seal_tag.to_hex(),
+                    tag: format!(
+                        "{}{}",
+                        crate::shard::SEAL_TAG_PREFIX,
+                        self.seal_tag.to_hex()
+                    ),
                     shard_id: record.shard_id.as_str().to_owned(),
                     model_ref: record.model_ref.clone(),
                     shard_index: record.shard_index,
@@ -238,7 +242,14 @@ impl Attestation {
         };
         Ok(Self {
             record,
-            seal_tag: Tag::from_bytes(hex32(&predicate.seal.tag, "seal.tag")?),
+            seal_tag: Tag::from_bytes(hex32(
+                predicate
+                    .seal
+                    .tag
+                    .strip_prefix(crate::shard::SEAL_TAG_PREFIX)
+                    .ok_or_else(|| malformed("seal.tag does not start with hmac-sha256:"))?,
+                "seal.tag",
+            )?),
             device_name: predicate.device.name.clone(),
             driver_version: predicate.device.driver_version.clone(),
             unified_memory: predicate.device.unified_memory,

@@ -127,6 +127,10 @@ impl SealedShard {
         let mut view = SealView::new(&self.record, &self.tag);
         if let Some(table) = &self.tensor_table {
             view.format = Some(table.format);
+            view.format_version = match table.format {
+                ModelFormat::Gguf { version } => Some(version),
+                ModelFormat::Raw | ModelFormat::Safetensors => None,
+            };
             view.tensor_count = Some(table.tensors.len() as u64);
         }
         view
@@ -202,16 +206,34 @@ pub struct SealView {
     pub shard_index: u32,
     /// Shard count.
     pub total_shards: u32,
-    /// Model container format, when known.
+    /// Model container format, when known: `"gguf"`, `"safetensors"` or `"raw"` (a flat field).
+    #[serde(serialize_with = "serialize_format_name")]
     pub format: Option<ModelFormat>,
+    /// The container's own version (GGUF 2 or 3), when it has one.
+    pub format_version: Option<u32>,
     /// Number of tensors in the tensor table, when known.
     pub tensor_count: Option<u64>,
-    /// Tensor-table digest, hex, if any.
+    /// Tensor-table digest, `sha256:<hex>`, if any.
     pub tensor_table_digest: Option<String>,
     /// Seal record format version.
     pub seal_version: u16,
-    /// HMAC-SHA256 seal tag, hex.
+    /// The seal tag, `hmac-sha256:<hex>`.
     pub seal_tag: String,
+}
+
+/// Digests and tags in JSON carry their algorithm: `sha256:<hex>`, `hmac-sha256:<hex>`.
+pub const SEAL_TAG_PREFIX: &str = "hmac-sha256:";
+
+fn serialize_format_name<S: serde::Serializer>(
+    format: &Option<ModelFormat>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match format {
+        Some(ModelFormat::Raw) => s.serialize_str("raw"),
+        Some(ModelFormat::Gguf { .. }) => s.serialize_str("gguf"),
+        Some(ModelFormat::Safetensors) => s.serialize_str("safetensors"),
+        None => s.serialize_none(),
+    }
 }
 
 impl SealView {
@@ -232,10 +254,13 @@ impl SealView {
             shard_index: record.shard_index,
             total_shards: record.total_shards,
             format: None,
+            format_version: None,
             tensor_count: None,
-            tensor_table_digest: record.tensor_table_digest.map(hex::encode),
+            tensor_table_digest: record
+                .tensor_table_digest
+                .map(|digest| format!("sha256:{}", hex::encode(digest))),
             seal_version: crate::seal::SEAL_VERSION,
-            seal_tag: tag.to_hex(),
+            seal_tag: format!("{SEAL_TAG_PREFIX}{}", tag.to_hex()),
         }
     }
 }

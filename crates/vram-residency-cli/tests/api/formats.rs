@@ -107,6 +107,17 @@ fn inspect_prints_the_upstream_fixture_tables() {
             .unwrap();
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["tensors"].as_array().unwrap().len(), count);
+        // The JSON carries what the human output shows: size, flat format, prefixed table digest.
+        assert_eq!(
+            json["size"].as_u64().unwrap(),
+            std::fs::metadata(fixture(name)).unwrap().len()
+        );
+        assert_eq!(json["format"], format.split(' ').next().unwrap());
+        let digest = json["tensor_table_digest"].as_str().unwrap();
+        assert!(
+            stdout.contains(&format!("tensor table digest: {digest}")),
+            "{stdout}"
+        );
     }
 }
 
@@ -200,7 +211,7 @@ fn files_that_claim_a_format_but_do_not_parse_are_refused_not_sealed_as_raw_iv_0
         String::from_utf8_lossy(&out.stderr)
     );
     let view: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(view["format"]["format"], "raw");
+    assert_eq!(view["format"], "raw");
 }
 
 #[test]
