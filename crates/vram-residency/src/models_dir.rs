@@ -3,10 +3,20 @@
 //! A caller names a model by a path *relative to* the models directory. [`ModelsDir::open`] refuses,
 //! before touching the file system: an empty path, a NUL byte, an absolute path and any `..`
 //! component. It then resolves the path (`canonicalize`: every symlink followed), refuses a result that
-//! is not inside the (canonical) models directory — a symlink that points outside — and anything that
-//! is not a regular file (directories, FIFOs, devices). On Linux it finally asks the kernel where the
-//! opened file descriptor really points (`/proc/self/fd/N`), so a directory swapped for a symlink between
-//! the check and the `open` is caught too.
+//! is not inside the (canonical) models directory — a symlink that points outside. It opens the
+//! resolved path with `O_NOFOLLOW | O_NONBLOCK` (a symlink swapped in since is refused; a FIFO swapped
+//! in does not block the open) and checks the type on the descriptor (`fstat`) before anything else:
+//! only a regular file passes (not a directory, FIFO, socket or device). On Linux it finally asks the
+//! kernel where the opened file descriptor really points (`/proc/self/fd/N`), so a directory swapped
+//! for a symlink between the check and the `open` is caught too.
+//!
+//! **Hard links** (`st_nlink > 1`) are accepted: a hard link is the file itself, not a pointer to a
+//! path, so what is sealed and measured is exactly the bytes of the inode that was opened, whatever
+//! its other names. A caller with write access to the models directory could hard-link a file it
+//! can reach from elsewhere on the same file system and learn its fs-verity digest and size through
+//! a seal (never its content); Linux's `fs.protected_hardlinks` (on by default) limits that to files
+//! the linking user owns or can read and write. Keep the models directory on its own file system to
+//! rule it out.
 //!
 //! Errors name the path as the caller gave it, never the host's absolute path.
 
@@ -102,14 +112,7 @@ impl ModelsDir {
     /// one that was checked.
     pub fn open(&self, relative: &str) -> Result<OpenModel> {
         let path = self.resolve(relative)?;
-        let file = File::open(&path)
-            .map_err(|e| refused(relative, &format!("it cannot be opened ({})", e.kind())))?;
-        let metadata = file
-            .metadata()
-            .map_err(|e| refused(relative, &format!("it cannot be read ({})", e.kind())))?;
-        if !metadata.is_file() {
-            return Err(refused(relative, "it is not a regular file"));
-        }
+        let (file, metadata) = open_regular(&path, relative)?;
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd as _;
@@ -128,6 +131,36 @@ impl ModelsDir {
             len: metadata.len(),
         })
     }
+}
+
+/// Opens `path` (already resolved: no symbolic link left in it) and checks on the descriptor that it
+/// is a regular file.
+fn open_regular(path: &Path, relative: &str) -> Result<(File, std::fs::Metadata)> {
+    // The resolved path has no symbolic link left in it, so O_NOFOLLOW refuses one swapped in
+    // since; O_NONBLOCK makes opening a FIFO (or a device) return at once instead of waiting
+    // for a writer, so that the type check below can refuse it. For a regular file it changes
+    // nothing.
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(
+        &mut options,
+        libc::O_NONBLOCK | libc::O_NOFOLLOW,
+    );
+    let file = options
+        .open(path)
+        .map_err(|e| refused(relative, &format!("it cannot be opened ({})", e.kind())))?;
+    // Checked on the descriptor (fstat), before anything else is done with it.
+    let metadata = file
+        .metadata()
+        .map_err(|e| refused(relative, &format!("it cannot be read ({})", e.kind())))?;
+    if !metadata.is_file() {
+        return Err(refused(
+            relative,
+            "it is not a regular file (a directory, FIFO, socket or device)",
+        ));
+    }
+    Ok((file, metadata))
 }
 
 /// The checks that need no file system: non-empty, no NUL, not absolute, no `..`, bounded length.
@@ -265,6 +298,62 @@ mod tests {
             f.models.open("missing.bin"),
             Err(VramError::ModelNotFound { .. })
         ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_at_once_instead_of_blocking_the_open() {
+        let f = fixture();
+        let fifo = f.models.root().join("pipe.bin");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "\nskipped: mkfifo not available: a_fifo_is_refused_at_once_instead_of_blocking_the_open"
+            );
+            return;
+        }
+        let models = ModelsDir::new(f.models.root()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(models.open("pipe.bin").map(|m| m.len));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO blocked");
+        match result {
+            Err(VramError::InvalidModelPath { reason, .. }) => {
+                assert!(reason.contains("regular file"), "{reason}");
+            }
+            other => panic!("a FIFO was not refused: {other:?}"),
+        }
+        // The open itself, as when a FIFO is swapped in after the path was resolved: without
+        // O_NONBLOCK it would wait for a writer forever; with it, fstat refuses the FIFO at once.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(open_regular(&fifo, "pipe.bin").map(|(_, m)| m.len()));
+        });
+        match rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO blocked")
+        {
+            Err(VramError::InvalidModelPath { reason, .. }) => {
+                assert!(reason.contains("FIFO"), "{reason}");
+            }
+            other => panic!("a FIFO was not refused: {other:?}"),
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_hard_link_is_the_file_itself_and_is_accepted() {
+        let f = fixture();
+        std::fs::hard_link(
+            f.models.root().join("a.bin"),
+            f.models.root().join("hard.bin"),
+        )
+        .unwrap();
+        let model = f.models.open("hard.bin").unwrap();
+        assert_eq!(model.len, 5);
     }
 
     #[test]

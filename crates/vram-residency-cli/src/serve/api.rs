@@ -233,11 +233,18 @@ async fn commit_inner(
             .unwrap_or_default(),
         progress: None,
     };
+    // Open (and type-check) the file before taking an operation slot: a path that is not a
+    // regular file — a FIFO swapped in, say — is refused at once and never holds a slot.
+    let open_app = Arc::clone(app);
+    let model = request.model.clone();
+    let opened = tokio::task::spawn_blocking(move || open_app.models.open(&model))
+        .await
+        .map_err(|_| ApiError::internal("the open task failed"))??;
     let permit = app.permit().await?;
     let app = Arc::clone(app);
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        app.commit_blocking(&request.model, request.gpu, &opts)
+        app.commit_blocking(opened, &request.model, request.gpu, &opts)
     })
     .await
     .map_err(|_| ApiError::internal("the commit task failed"))?

@@ -127,14 +127,15 @@ impl AppState {
         self.lock_shards().len()
     }
 
-    /// Opens `model` inside the models directory, seals it and registers the shard. Blocking.
+    /// Seals `opened` (the model file `model`, opened inside the models directory by
+    /// [`ModelsDir::open`] before an operation slot was taken) and registers the shard. Blocking.
     pub fn commit_blocking(
         &self,
+        opened: vram_residency::models_dir::OpenModel,
         model: &str,
         gpu: u32,
         opts: &SealOptions,
     ) -> Result<SealView, ApiError> {
-        let opened = self.models.open(model)?;
         let started = Instant::now();
         let sealed = self
             .manager

@@ -1726,3 +1726,30 @@ fn serve_a_model_that_claims_a_format_but_does_not_parse_is_422_malformed_model_
     assert_eq!(raw.status, 201, "{}", raw.text);
     assert_eq!(raw.json["format"], "raw");
 }
+
+#[test]
+fn serve_a_fifo_in_the_models_dir_is_refused_at_once_and_holds_no_operation_slot() {
+    let home = Home::new();
+    let fifo = home.path("models").join("pipe.bin");
+    if !Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        crate::support::skip(
+            "serve_a_fifo_in_the_models_dir_is_refused_at_once_and_holds_no_operation_slot",
+            "mkfifo not available",
+        );
+        return;
+    }
+    let server = home.start(&["--max-parallel-ops", "1"]);
+    // More commits of the FIFO than there are operation slots: each is refused at once.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let refused = server.post("/v1/shards", &json!({"model": "pipe.bin", "gpu": 0}));
+        assert_error(&refused, 400, "invalid_model_path");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    // The one slot is free: a real commit goes through.
+    assert_eq!(server.commit("a.bin", "after-fifo").status, 201);
+}
