@@ -238,4 +238,21 @@ impl DeviceBuffer for CudaShard {
     fn weights(&self) -> vram_residency::Result<Weights<'_>> {
         Ok(Weights::device(self.buffer.device_ptr(), self.buffer.len()))
     }
+
+    fn read_prefix(&self, len: u64) -> vram_residency::Result<Vec<u8>> {
+        let len = usize::try_from(len).map_err(|_| vram_residency::VramError::InvalidInput {
+            field: "header length",
+            reason: "does not fit in host memory".to_owned(),
+        })?;
+        let mut header = Vec::new();
+        header
+            .try_reserve_exact(len)
+            .map_err(|_| vram_residency::VramError::InvalidInput {
+                field: "header length",
+                reason: format!("{len} bytes do not fit in host memory"),
+            })?;
+        header.resize(len, 0);
+        self.buffer.read(0, &mut header)?;
+        Ok(header)
+    }
 }

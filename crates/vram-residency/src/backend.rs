@@ -274,6 +274,14 @@ pub trait DeviceBuffer: Send + Sync {
     /// # Errors
     /// Backend errors.
     fn weights(&self) -> Result<Weights<'_>>;
+
+    /// Copies the first `len` bytes back to the host: the model's **header** (never the weights
+    /// after it), so that the tensor table sealed with a shard can be parsed from the bytes that
+    /// actually reached device memory.
+    ///
+    /// # Errors
+    /// [`VramError::InvalidInput`] when `len` is larger than the buffer; backend errors.
+    fn read_prefix(&self, len: u64) -> Result<Vec<u8>>;
 }
 
 /// A device-memory backend.

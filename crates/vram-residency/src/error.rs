@@ -141,6 +141,16 @@ pub enum VramError {
         actual: u64,
     },
 
+    /// The model's header in device memory does not describe the tensors the header read before the
+    /// upload described: the file changed while it was being sealed. Nothing was sealed.
+    #[error(
+        "the model changed while it was being sealed: {reason}; nothing was sealed (seal it again once it is no longer being written)"
+    )]
+    HeaderChanged {
+        /// What differs.
+        reason: String,
+    },
+
     /// The model's digest is not the one the caller said to expect. Nothing was sealed.
     #[error(
         "digest mismatch: expected {expected}, the bytes in device memory hash to {actual}; nothing was sealed"

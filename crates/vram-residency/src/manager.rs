@@ -23,7 +23,7 @@ use crate::backend::{
 use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
 use crate::error::{Result, VramError};
-use crate::format::{FormatChoice, TensorTable, read_tensor_table_as};
+use crate::format::{FormatChoice, ModelFormat, TensorTable, read_tensor_table_as};
 use crate::ids::{ShardId, unix_nanos};
 use crate::keys::{KeySet, PublicKey, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
@@ -145,6 +145,57 @@ fn serialize_nanos<S: serde::Serializer>(
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// What identifies a file's content for the before/after check of a seal: device, inode, size,
+/// modification and status-change times (a writer can restore mtime with `utime`, not ctime).
+fn file_identity(metadata: &std::fs::Metadata) -> (u64, u64, u64, i64, i64, i64, i64) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        (
+            metadata.dev(),
+            metadata.ino(),
+            metadata.size(),
+            metadata.mtime(),
+            metadata.mtime_nsec(),
+            metadata.ctime(),
+            metadata.ctime_nsec(),
+        )
+    }
+    #[cfg(not(unix))]
+    {
+        (0, 0, metadata.len(), 0, 0, 0, 0)
+    }
+}
+
+/// The tensor table sealed with a shard must describe the sealed bytes: the header is read back
+/// from device memory (the header only, never the weights after it) and parsed again as the same
+/// format; a table that differs from the one read before the upload means the file changed in
+/// between (a writer flipping the header, say), and nothing is sealed.
+fn check_table_against_device(
+    table: &TensorTable,
+    buffer: &dyn DeviceBuffer,
+    len: u64,
+) -> Result<()> {
+    let choice = match table.format {
+        ModelFormat::Raw => return Ok(()),
+        ModelFormat::Gguf { .. } => FormatChoice::Gguf,
+        ModelFormat::Safetensors => FormatChoice::Safetensors,
+    };
+    let header = buffer.read_prefix(table.data_offset)?;
+    let mut reader = header.as_slice();
+    match read_tensor_table_as(&mut reader, len, choice, None) {
+        Ok(sealed) if sealed == *table => Ok(()),
+        Ok(_) => Err(VramError::HeaderChanged {
+            reason: "the header in device memory describes other tensors than the header read \
+                     before the upload"
+                .to_owned(),
+        }),
+        Err(error) => Err(VramError::HeaderChanged {
+            reason: format!("the header in device memory no longer parses ({error})"),
+        }),
+    }
 }
 
 /// Where a seal's bytes come from: any reader (sequential) or a file (the backend may read it in
@@ -408,11 +459,19 @@ impl VramManager {
         }
         let shard = self.seal_source(Source::File(&file), before.len(), gpu, &opts)?;
         let after = file.metadata().map_err(io)?;
-        if after.len() != before.len() || after.modified().ok() != before.modified().ok() {
+        if after.len() != before.len() {
             // Dropping the shard frees its memory and capacity.
             return Err(VramError::SourceChanged {
                 expected: before.len(),
                 actual: after.len(),
+            });
+        }
+        if file_identity(&after) != file_identity(&before) {
+            return Err(VramError::HeaderChanged {
+                reason:
+                    "the file was modified during the upload (its device, inode, size, mtime or \
+                         ctime changed)"
+                        .to_owned(),
             });
         }
         Ok(shard)
@@ -530,6 +589,9 @@ impl VramManager {
                 expected,
                 actual: tree.digest(),
             });
+        }
+        if let Some(table) = &opts.tensor_table {
+            check_table_against_device(table, buffer.as_ref(), len)?;
         }
 
         let sealed_at_ns = unix_nanos(SystemTime::now());

@@ -290,6 +290,18 @@ impl DeviceBuffer for SimBuffer {
     fn weights(&self) -> Result<Weights<'_>> {
         Ok(Weights::host(Box::new(HostView(self.read()))))
     }
+
+    fn read_prefix(&self, len: u64) -> Result<Vec<u8>> {
+        let memory = self.read();
+        usize::try_from(len)
+            .ok()
+            .and_then(|len| memory.get(..len))
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| VramError::InvalidInput {
+                field: "header length",
+                reason: format!("{len} bytes is more than the buffer holds"),
+            })
+    }
 }
 
 struct HostView<'a>(RwLockReadGuard<'a, Vec<u8>>);

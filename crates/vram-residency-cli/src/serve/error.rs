@@ -113,7 +113,9 @@ pub fn classify(error: &VramError) -> (StatusCode, &'static str) {
         VramError::MalformedModel(_) => (S::UNPROCESSABLE_ENTITY, "malformed_model"),
         VramError::ModelTooLarge { .. } => (S::UNPROCESSABLE_ENTITY, "model_too_large"),
         VramError::DigestMismatch { .. } => (S::UNPROCESSABLE_ENTITY, "digest_mismatch"),
-        VramError::SourceChanged { .. } => (S::UNPROCESSABLE_ENTITY, "source_changed"),
+        VramError::SourceChanged { .. } | VramError::HeaderChanged { .. } => {
+            (S::UNPROCESSABLE_ENTITY, "source_changed")
+        }
         VramError::InsufficientVram { .. } => (S::INSUFFICIENT_STORAGE, "insufficient_vram"),
         VramError::AllocationFailed { .. } => (S::INSUFFICIENT_STORAGE, "allocation_failed"),
         VramError::WorkerStopped { .. } => (S::SERVICE_UNAVAILABLE, "worker_stopped"),

@@ -245,3 +245,124 @@ fn overlapping_and_out_of_bounds_safetensors_entries_say_so() {
         assert!(stderr.contains(words), "{stderr}");
     }
 }
+
+/// The tensor table sealed with a shard describes the bytes that reached device memory: a table read
+/// from one header and bytes carrying another are refused (issue: the table could describe other
+/// bytes than the sealed ones).
+#[test]
+fn a_table_that_does_not_describe_the_uploaded_header_is_refused_and_nothing_is_sealed() {
+    let w = small_worker();
+    let original = std::fs::read(fixture("tiny.safetensors")).unwrap();
+    let table = vram_residency::format::read_tensor_table_from_bytes(&original).unwrap();
+    // Same length, one tensor name changed in the header: parses, but describes other tensors.
+    let at = original.windows(9).position(|w| w == b"positions").unwrap();
+    let mut renamed = original.clone();
+    renamed[at + 8] = b'z';
+    assert_eq!(renamed.len(), original.len());
+    // Same length, header no longer JSON.
+    let mut broken = original.clone();
+    broken[8] = b'[';
+    for (bytes, needle) in [(&renamed, "other tensors"), (&broken, "no longer parses")] {
+        let opts = SealOptions {
+            tensor_table: Some(std::sync::Arc::new(table.clone())),
+            ..SealOptions::default()
+        };
+        let mut reader = bytes.as_slice();
+        let err = w
+            .manager
+            .seal_reader(&mut reader, bytes.len() as u64, 0, &opts)
+            .unwrap_err();
+        assert!(matches!(err, VramError::HeaderChanged { .. }), "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+        assert_eq!(
+            w.manager.used_vram(0).unwrap(),
+            0,
+            "nothing stays allocated"
+        );
+    }
+    // The matching bytes seal.
+    let opts = SealOptions {
+        tensor_table: Some(std::sync::Arc::new(table)),
+        ..SealOptions::default()
+    };
+    let mut reader = original.as_slice();
+    assert!(
+        w.manager
+            .seal_reader(&mut reader, original.len() as u64, 0, &opts)
+            .is_ok()
+    );
+}
+
+/// The race of the issue: a writer flips a safetensors header between valid and malformed (same
+/// length, written in place) while the file is sealed again and again. Every seal that succeeds must
+/// carry the digest of the valid file (its table describes the sealed bytes); the others are refused.
+#[test]
+fn a_header_flipped_during_seals_never_yields_a_table_that_disagrees_with_the_digest() {
+    use std::os::unix::fs::FileExt as _;
+    let w = small_worker();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flip.safetensors");
+    let valid = std::fs::read(fixture("tiny.safetensors")).unwrap();
+    std::fs::write(&path, &valid).unwrap();
+    let valid_digest = vram_residency::digest::digest_bytes(&valid)
+        .unwrap()
+        .digest();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flips = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (stop, flips) = (std::sync::Arc::clone(&stop), std::sync::Arc::clone(&flips));
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = flips.load(std::sync::atomic::Ordering::Relaxed);
+                let byte = if n % 2 == 0 { b'[' } else { b'{' };
+                file.write_at(&[byte], 8).unwrap();
+                flips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Pauses, so that some seals fall between two writes and succeed.
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+            file.write_at(b"{", 8).unwrap();
+        })
+    };
+    let (mut sealed, mut refused, mut rounds) = (0u64, 0u64, 0u64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // At least 300 seals, and on until the writer has flipped the header 200 times.
+    while (rounds < 300 || flips.load(std::sync::atomic::Ordering::Relaxed) < 200)
+        && std::time::Instant::now() < deadline
+    {
+        rounds += 1;
+        match w.manager.seal_file(&path, 0, &SealOptions::default()) {
+            Ok(shard) => {
+                assert_eq!(
+                    shard.record.digest, valid_digest,
+                    "a table was sealed with other bytes"
+                );
+                assert_eq!(
+                    shard.tensor_table().unwrap().format,
+                    ModelFormat::Safetensors
+                );
+                sealed += 1;
+                w.manager.deallocate(shard).unwrap();
+            }
+            Err(
+                VramError::HeaderChanged { .. }
+                | VramError::MalformedModel(_)
+                | VramError::SourceChanged { .. },
+            ) => refused += 1,
+            Err(other) => panic!("unexpected error: {other}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let flips = flips.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "header flips during the test: {flips}; seals: {sealed} with the valid digest, 0 mismatched; refused: {refused}"
+    );
+    assert!(flips > 0);
+    assert!(
+        refused > 0,
+        "the writer never got in the way: the test proves nothing"
+    );
+    assert_eq!(w.manager.used_vram(0).unwrap(), 0);
+}

@@ -561,3 +561,38 @@ fn gpu_repeated_cycles_leave_free_vram_exactly_where_it_was() {
         "{first} then {later:?}"
     );
 }
+
+#[test]
+fn gpu_the_sealed_table_is_parsed_again_from_the_header_in_vram() {
+    let Some(gpu) = gpu("gpu_the_sealed_table_is_parsed_again_from_the_header_in_vram") else {
+        return;
+    };
+    let (manager, _) = manager(&gpu);
+    let fixtures = crate::support::repo_path("crates/vram-residency/tests/fixtures");
+    for name in ["tiny-v3.gguf", "tiny.safetensors"] {
+        let shard = manager
+            .seal_file(&fixtures.join(name), 0, &SealOptions::default())
+            .unwrap();
+        assert!(shard.tensor_table().is_some(), "{name}");
+        manager.deallocate(shard).unwrap();
+    }
+    // A table read from one header, bytes with another: refused after the read-back from VRAM.
+    let original = std::fs::read(fixtures.join("tiny.safetensors")).unwrap();
+    let table = vram_residency::format::read_tensor_table_from_bytes(&original).unwrap();
+    let mut other = original.clone();
+    let at = other.windows(9).position(|w| w == b"positions").unwrap();
+    other[at + 8] = b'z';
+    let opts = SealOptions {
+        tensor_table: Some(Arc::new(table)),
+        ..SealOptions::default()
+    };
+    let mut reader = other.as_slice();
+    let err = manager
+        .seal_reader(&mut reader, other.len() as u64, 0, &opts)
+        .unwrap_err();
+    assert!(
+        matches!(err, vram_residency::VramError::HeaderChanged { .. }),
+        "{err}"
+    );
+    assert_eq!(manager.used_vram(0).unwrap(), 0);
+}
