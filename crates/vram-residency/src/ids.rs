@@ -240,3 +240,13 @@ impl fmt::Display for InvalidDigest {
 }
 
 impl std::error::Error for InvalidDigest {}
+
+/// Unicode bidirectional controls: text that contains them can display as another string
+/// ("Trojan Source", CVE-2021-42574). Caller strings that end up in records and logs refuse them.
+#[must_use]
+pub const fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
+    )
+}

@@ -177,6 +177,15 @@ pub fn check_relative(relative: &str) -> Result<()> {
     if relative.contains('\0') {
         return Err(refused(relative, "it contains a NUL byte"));
     }
+    if relative
+        .chars()
+        .any(|c| c.is_control() || crate::ids::is_bidi_control(c))
+    {
+        return Err(refused(
+            relative,
+            "it contains a control character or a Unicode direction control",
+        ));
+    }
     let path = Path::new(relative);
     if path.is_absolute() || relative.starts_with('/') {
         return Err(refused(
@@ -278,6 +287,8 @@ mod tests {
         assert!(refused_reason(&f, "/etc/passwd").contains("absolute"));
         assert!(refused_reason(&f, "").contains("empty"));
         assert!(refused_reason(&f, "a\0.bin").contains("NUL"));
+        assert!(refused_reason(&f, "evil\u{202E}nib.bin").contains("direction"));
+        assert!(refused_reason(&f, "a\n.bin").contains("control"));
         assert!(refused_reason(&f, &"a/".repeat(3000)).contains("longer"));
     }
 

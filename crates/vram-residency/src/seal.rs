@@ -81,6 +81,11 @@ pub fn validate_model_ref(model_ref: &str) -> Result<()> {
     if model_ref.chars().any(char::is_control) {
         return refuse("contains a NUL or another control character");
     }
+    if model_ref.chars().any(crate::ids::is_bidi_control) {
+        return refuse(
+            "contains a Unicode direction control (U+202A..U+202E, U+2066..U+2069, U+200E, U+200F, U+061C), which can make it display as another name",
+        );
+    }
     Ok(())
 }
 
@@ -214,6 +219,16 @@ mod tests {
             shard_index: 0,
             total_shards: 1,
             tensor_table_digest: None,
+        }
+    }
+
+    #[test]
+    fn model_refs_with_control_or_direction_characters_are_refused_iv_005() {
+        assert!(validate_model_ref("meta/llama-3-8b Q4").is_ok());
+        assert!(validate_model_ref("modèle/ü").is_ok());
+        for bad in ["a\u{202E}b", "a\u{2066}b", "a\u{200F}", "a\nb", "a\0b"] {
+            let err = validate_model_ref(bad).unwrap_err().to_string();
+            assert!(err.contains("model_ref"), "{bad:?}: {err}");
         }
     }
 

@@ -86,6 +86,15 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
         // the per-request trace stays at debug level (-vv).
         .layer(
             TraceLayer::new_for_http()
+                // Method and path only: a query string (a client that sends `?access_token=…`)
+                // never reaches a log line.
+                .make_span_with(|request: &Request| {
+                    tracing::debug_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                    )
+                })
                 .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         )
         // Outermost, so that nothing after it (traces included) sees the token.

@@ -1313,6 +1313,13 @@ fn serve_never_reveals_the_token_a_key_or_a_pointer_ms_001_ci_006() {
         Some(&format!("Bearer {TEST_TOKEN}0")),
         None,
     ));
+    // A client that puts a token in the query string: it must not reach the -vv log.
+    keep(server.call(
+        "GET",
+        &format!("/v1/worker?access_token={OPERATOR_TOKEN}"),
+        None,
+        None,
+    ));
     // The worker token itself: refused, and audited without it.
     keep(server.call(
         "GET",
