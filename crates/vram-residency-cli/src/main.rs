@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     let args = cli::Cli::parse();
     init_logging(args.verbose);
     match cli::run(args) {
@@ -30,6 +31,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Ends the process quietly when stdout's reader has gone away (`vram-residency inspect M | head`).
+/// Rust ignores SIGPIPE, so a write to a closed pipe fails with EPIPE and `println!` panics; a shell
+/// tool would have died of SIGPIPE instead. This hook turns exactly that panic into the same exit
+/// status (141 = 128 + SIGPIPE) without a message; every other panic keeps the default report.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// The error and its causes, `: `-separated, each cause once: a cause whose text a message above it

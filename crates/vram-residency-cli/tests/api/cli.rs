@@ -326,3 +326,22 @@ fn demo_uses_cuda_when_a_gpu_is_present_and_says_which_backend_it_used() {
         assert_eq!(json["backend"], "sim");
     }
 }
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly_not_with_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // the reader is gone before the command writes anything
+    let out = bin()
+        .arg("inspect")
+        .arg(crate::support::repo_path(
+            "crates/vram-residency/tests/fixtures/tiny-v3.gguf",
+        ))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
