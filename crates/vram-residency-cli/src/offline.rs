@@ -74,16 +74,7 @@ fn parse_head(text: &str) -> Result<AuditHead, String> {
 
 /// Reads a PEM public key file.
 pub fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("reading the public key {}", path.display()))?
-        .len();
-    anyhow::ensure!(
-        len <= MAX_PUBLIC_KEY_BYTES,
-        "{} is larger than 16 KiB; not a public key",
-        path.display()
-    );
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the public key {}", path.display()))?;
+    let text = read_small(path, MAX_PUBLIC_KEY_BYTES, "a public key")?;
     PublicKey::from_pem(&text).with_context(|| format!("public key {}", path.display()))
 }
 
@@ -175,7 +166,7 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
     } = command;
     let key = read_public_key(public_key)?;
     let nonce = parse_nonce_hex(nonce)?;
-    let text = read_small(file)?;
+    let text = read_small(file, MAX_ENVELOPE_BYTES as u64, "an attestation")?;
     let verified =
         AttestationEnvelope::from_json(&text).and_then(|envelope| envelope.verify(&key, &nonce));
     let attestation = match verified {
@@ -244,13 +235,15 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_small(path: &Path) -> anyhow::Result<String> {
+/// Reads a small text file (`what` it should be, for the message), refusing one over `max` bytes
+/// before reading it.
+fn read_small(path: &Path, max: u64, what: &str) -> anyhow::Result<String> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();
     anyhow::ensure!(
-        len <= MAX_ENVELOPE_BYTES as u64,
-        "{} is larger than 1 MiB; not an attestation",
+        len <= max,
+        "{} is larger than {max} bytes; not {what}",
         path.display()
     );
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))

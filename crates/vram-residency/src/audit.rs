@@ -264,15 +264,7 @@ impl std::str::FromStr for AuditHead {
         };
         let (seq, hash_hex) = text.trim().split_once(':').ok_or_else(bad)?;
         let seq: u64 = seq.parse().map_err(|_| bad())?;
-        if hash_hex.len() != 64
-            || hash_hex
-                .bytes()
-                .any(|b| !matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(bad());
-        }
-        let mut hash = [0u8; 32];
-        hex::decode_to_slice(hash_hex, &mut hash).map_err(|_| bad())?;
+        let hash = crate::encoding::lower_hex::<32>(hash_hex.as_bytes()).ok_or_else(bad)?;
         Ok(Self { seq, hash })
     }
 }

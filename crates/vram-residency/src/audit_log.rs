@@ -54,7 +54,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::audit::{AuditEntry, AuditEvent, AuditHead, AuditSink};
 use crate::backend::BackendKind;
-use crate::encoding::Encoder;
+use crate::encoding::{Encoder, lower_hex};
 use crate::error::{Result, VramError};
 use crate::ids::unix_nanos;
 use crate::keys::{PublicKey, WorkerIdentity, WorkerToken};
@@ -197,17 +197,6 @@ fn parse_line(line: &[u8]) -> std::result::Result<ParsedLine<'_>, String> {
 
 fn split_checked(bytes: &[u8], at: usize) -> Option<(&[u8], &[u8])> {
     (bytes.len() >= at).then(|| bytes.split_at(at))
-}
-
-fn lower_hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
-    if text.len() != N.saturating_mul(2)
-        || !text.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    {
-        return None;
-    }
-    let mut out = [0u8; N];
-    hex::decode_to_slice(text, &mut out).ok()?;
-    Some(out)
 }
 
 /// A line skipped by a recovery record (a torn line, ended by the writer that reopened the log).

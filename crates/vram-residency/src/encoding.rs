@@ -47,6 +47,19 @@ impl std::error::Error for EncodingError {}
 
 type Result<T, E = EncodingError> = std::result::Result<T, E>;
 
+/// Exactly `2 * N` lowercase hex digits → `N` bytes; anything else (upper case, other length) is
+/// `None`. The one spelling of fixed-size hashes in our text formats (audit lines, heads).
+pub(crate) fn lower_hex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
+    if text.len() != N.saturating_mul(2)
+        || !text.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return None;
+    }
+    let mut out = [0u8; N];
+    hex::decode_to_slice(text, &mut out).ok()?;
+    Some(out)
+}
+
 /// Writes one canonical encoding.
 #[derive(Debug)]
 pub(crate) struct Encoder {

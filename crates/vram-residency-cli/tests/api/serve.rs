@@ -85,6 +85,17 @@ impl Home {
         std::fs::read_to_string(self.path("audit.log")).unwrap_or_default()
     }
 
+    /// Writes `other.pub`: the public key of another worker (another token), which must verify
+    /// nothing this worker signed.
+    pub fn write_other_public_key(&self) {
+        let other = vram_residency::WorkerToken::from_bytes(
+            b"another-token-0123456789abcdef012345".to_vec(),
+        )
+        .unwrap()
+        .public_key();
+        std::fs::write(self.path("other.pub"), other.to_pem()).unwrap();
+    }
+
     /// `vram-residency audit verify` on this home's log, with the worker's public key only.
     pub fn audit_verify(&self) -> Output {
         self.audit_verify_with(&self.path("worker.pub"), &[])
@@ -1052,11 +1063,7 @@ fn serve_commit_verify_attest_evict_and_check_the_attestation_offline_vp_006_ci_
     assert!(String::from_utf8_lossy(&other_nonce.stdout).contains("nonce"));
 
     // Another worker's key refuses it.
-    let other =
-        vram_residency::WorkerToken::from_bytes(b"another-token-0123456789abcdef012345".to_vec())
-            .unwrap()
-            .public_key();
-    std::fs::write(home.path("other.pub"), other.to_pem()).unwrap();
+    home.write_other_public_key();
     let other_key = check(&file, &home.path("other.pub"), &nonce);
     assert!(!other_key.status.success());
     assert!(String::from_utf8_lossy(&other_key.stdout).contains("does not verify"));
@@ -1459,11 +1466,7 @@ fn audit_verify_reports_a_torn_tail_as_such_and_tampering_as_failure_with_the_li
 
     // Another worker's public key: the first record already fails.
     std::fs::write(home.path("audit.log"), &log).unwrap();
-    let other =
-        vram_residency::WorkerToken::from_bytes(b"another-token-0123456789abcdef012345".to_vec())
-            .unwrap()
-            .public_key();
-    std::fs::write(home.path("other.pub"), other.to_pem()).unwrap();
+    home.write_other_public_key();
     let text =
         String::from_utf8_lossy(&home.audit_verify_with(&home.path("other.pub"), &[]).stdout)
             .into_owned();
@@ -1559,11 +1562,7 @@ fn an_attestation_signature_verifies_with_openssl_and_the_pem_key_and_fails_with
         std::fs::read_to_string(home.path("worker.pub")).unwrap()
     );
     // Another key, or a changed byte of the signed bytes: openssl refuses.
-    let other =
-        vram_residency::WorkerToken::from_bytes(b"another-token-0123456789abcdef012345".to_vec())
-            .unwrap()
-            .public_key();
-    std::fs::write(home.path("other.pub"), other.to_pem()).unwrap();
+    home.write_other_public_key();
     assert!(!openssl("other.pub", "pae.bin").status.success());
     let mut changed = pae.clone();
     let last = changed.len() - 2;
