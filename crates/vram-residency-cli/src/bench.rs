@@ -162,7 +162,9 @@ fn bench_size(
     size: u64,
 ) -> anyhow::Result<SizeRun> {
     if size == 0 {
-        bail!("sizes must be at least 1 byte");
+        return Err(crate::cli::usage(
+            "--sizes: every size must be at least 1 byte",
+        ));
     }
     let (path, _cleanup) = match &args.file {
         Some(file) => (file.clone(), None),

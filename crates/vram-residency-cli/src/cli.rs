@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use vram_residency::format::FormatChoice;
 use vram_residency::keys::TOKEN_ENV;
 use vram_residency::{
-    BackendKind, Digest, ManagerConfig, NoAuditSink, SealOptions, ShardId, VramManager,
+    BackendKind, Digest, ManagerConfig, NoAuditSink, SealOptions, ShardId, VramError, VramManager,
     WorkerToken, digest,
 };
 
@@ -289,20 +289,86 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Reads the worker token from `--token-file` or the environment, never from argv.
+/// Reads the worker token from `--token-file` or the environment, never from argv. Every failure is
+/// a usage error (exit status 2): the command's configuration is wrong, nothing was attempted.
 pub fn load_token(token_file: Option<&Path>) -> anyhow::Result<WorkerToken> {
     match token_file {
         Some(path) => WorkerToken::from_file(path)
-            .with_context(|| format!("reading the worker token from {}", path.display())),
+            .with_context(|| format!("reading the worker token from {}", path.display()))
+            .map_err(usage_of),
         None => match std::env::var_os(TOKEN_ENV) {
             Some(_) => WorkerToken::from_env(TOKEN_ENV)
-                .with_context(|| format!("reading the worker token from ${TOKEN_ENV}")),
-            None => anyhow::bail!(
+                .with_context(|| format!("reading the worker token from ${TOKEN_ENV}"))
+                .map_err(usage_of),
+            None => Err(usage(format!(
                 "no worker token: pass --token-file FILE or set {TOKEN_ENV} (the token is never \
                  accepted on the command line)"
-            ),
+            ))),
         },
     }
+}
+
+/// Exit status of a command that failed because it was asked for something that cannot work: a
+/// flag value, a flag combination, the environment or a token file (clap's own usage errors exit
+/// with 2 too). Nothing was attempted.
+pub const EXIT_USAGE: u8 = 2;
+
+/// A usage error: see [`EXIT_USAGE`]. Its message is the whole story (causes flattened into it).
+#[derive(Debug)]
+pub struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A usage error with this message.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(message.into()))
+}
+
+/// The same error, marked as a usage error (its causes folded into its message).
+pub fn usage_of(error: anyhow::Error) -> anyhow::Error {
+    usage(error_chain(&error))
+}
+
+/// The exit status for a failed command: 2 for usage errors, 1 for everything else (an operation
+/// or a verification failed). Errors of the library that can only come from what the caller asked
+/// for (a GPU index out of range, a malformed shard id, digest or token) count as usage errors.
+pub fn exit_status(error: &anyhow::Error) -> u8 {
+    let usage = error.chain().any(|cause| {
+        cause.is::<UsageError>()
+            || matches!(
+                cause.downcast_ref::<VramError>(),
+                Some(
+                    VramError::InvalidGpuIndex { .. }
+                        | VramError::InvalidShardId { .. }
+                        | VramError::InvalidDigest { .. }
+                        | VramError::InvalidToken { .. }
+                )
+            )
+    });
+    if usage { EXIT_USAGE } else { 1 }
+}
+
+/// The error and its causes, `: `-separated, each cause once: a cause whose text a message above it
+/// already contains (our errors name their cause in their own message) is not repeated.
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {

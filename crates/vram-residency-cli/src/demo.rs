@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use vram_residency::audit::FailureKind;
 use vram_residency::digest::LEVEL1_SPAN;
 use vram_residency::{
@@ -42,9 +42,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let (kind, backend, sim) = choose_backend(args)?;
     banner(kind);
 
-    let size = usize::try_from(args.size).context("model size does not fit in memory")?;
+    let size = usize::try_from(args.size)
+        .map_err(|_| crate::cli::usage("--size does not fit in this machine's address space"))?;
     if size == 0 {
-        bail!("--size must be at least 1 byte");
+        return Err(crate::cli::usage("--size must be at least 1 byte"));
     }
     // An ephemeral token: the demo's keys live and die with this process.
     let mut random = [0u8; 32];
@@ -57,7 +58,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     // Checked before anything is built or allocated: the model must fit the device.
     let available = manager.capacity(0)?.available;
     if args.size > available {
-        bail!(
+        return Err(crate::cli::usage(format!(
             "--size {} does not fit: GPU 0 of this backend has {} available{}",
             human(args.size),
             human(available),
@@ -66,7 +67,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ""
             }
-        );
+        )));
     }
 
     step(

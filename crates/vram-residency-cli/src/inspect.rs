@@ -54,7 +54,7 @@ pub fn format_name(format: ModelFormat) -> String {
 
 fn print_table(path: &Path, len: u64, table: &TensorTable) -> anyhow::Result<()> {
     println!("file: {}", path.display());
-    println!("size: {len} bytes");
+    println!("size: {}", vram_residency::ids::bytes(len));
     println!("format: {}", format_name(table.format));
     println!("data section starts at: byte {}", table.data_offset);
     println!(

@@ -27,8 +27,8 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
-            ExitCode::FAILURE
+            eprintln!("error: {}", cli::error_chain(&error));
+            ExitCode::from(cli::exit_status(&error))
         }
     }
 }
@@ -51,23 +51,6 @@ fn quiet_broken_pipe() {
         }
         default(info);
     }));
-}
-
-/// The error and its causes, `: `-separated, each cause once: a cause whose text a message above it
-/// already contains (our errors name their cause in their own message) is not repeated.
-fn error_chain(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let message = cause.to_string();
-        if text.contains(&message) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&message);
-    }
-    text
 }
 
 fn init_logging(verbose: u8) {
@@ -99,7 +82,7 @@ mod tests {
         };
         let error = anyhow::Error::new(inner).context("sealing model.bin");
         assert_eq!(
-            super::error_chain(&error),
+            crate::cli::error_chain(&error),
             "sealing model.bin: reading model.bin: No such file or directory (os error 2)"
         );
     }

@@ -14,7 +14,7 @@ use vram_residency::audit_log::verify_log;
 use vram_residency::shard::from_unix_nanos;
 use vram_residency::{AuditHead, BackendKind, PublicKey};
 
-use crate::cli::load_token;
+use crate::cli::{load_token, usage_of};
 
 /// Largest public key file read.
 const MAX_PUBLIC_KEY_BYTES: u64 = 16 * 1024;
@@ -72,10 +72,13 @@ fn parse_head(text: &str) -> Result<AuditHead, String> {
         .map_err(|e: vram_residency::VramError| e.to_string())
 }
 
-/// Reads a PEM public key file.
+/// Reads a PEM public key file. A key that cannot be read is a usage error (exit status 2): the
+/// check itself was never made.
 pub fn read_public_key(path: &Path) -> anyhow::Result<PublicKey> {
-    let text = read_small(path, MAX_PUBLIC_KEY_BYTES, "a public key")?;
-    PublicKey::from_pem(&text).with_context(|| format!("public key {}", path.display()))
+    let text = read_small(path, MAX_PUBLIC_KEY_BYTES, "a public key").map_err(usage_of)?;
+    PublicKey::from_pem(&text)
+        .with_context(|| format!("public key {}", path.display()))
+        .map_err(usage_of)
 }
 
 pub fn identity(args: &IdentityArgs) -> anyhow::Result<ExitCode> {
@@ -165,7 +168,9 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         nonce,
     } = command;
     let key = read_public_key(public_key)?;
-    let nonce = parse_nonce_hex(nonce)?;
+    let nonce = parse_nonce_hex(nonce)
+        .context("--nonce")
+        .map_err(usage_of)?;
     let text = read_small(file, MAX_ENVELOPE_BYTES as u64, "an attestation")?;
     let verified =
         AttestationEnvelope::from_json(&text).and_then(|envelope| envelope.verify(&key, &nonce));
@@ -223,8 +228,10 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         humantime::format_rfc3339_nanos(from_unix_nanos(attestation.attested_at_ns))
     );
     println!(
-        "  verification: {} bytes re-hashed to {} in {} ns",
-        attestation.verified_bytes, attestation.verified_digest, attestation.verify_elapsed_ns
+        "  verification: {} re-hashed to {} in {} ns",
+        vram_residency::ids::bytes(attestation.verified_bytes),
+        attestation.verified_digest,
+        attestation.verify_elapsed_ns
     );
     match attestation.audit_head {
         Some(head) => println!(

@@ -57,7 +57,7 @@ pub enum CudaError {
     #[error("reading the model file failed: {0}")]
     Io(#[from] std::io::Error),
     /// The file ended early or changed size while it was read.
-    #[error("the model file changed while it was read: expected {expected} bytes, saw {actual}")]
+    #[error("the model file changed while it was read: expected {}, saw {actual}", vram_residency::ids::bytes(*expected))]
     SourceChanged {
         /// Bytes expected.
         expected: u64,

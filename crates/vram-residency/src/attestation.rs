@@ -108,8 +108,8 @@ pub fn validate_nonce(nonce: &[u8]) -> Result<()> {
         Err(VramError::InvalidInput {
             field: "nonce",
             reason: format!(
-                "it is {} bytes; {MIN_NONCE_LEN} to {MAX_NONCE_LEN} bytes are required (32 to 128 hex digits)",
-                nonce.len()
+                "it is {}; {MIN_NONCE_LEN} to {MAX_NONCE_LEN} bytes are required (32 to 128 hex digits)",
+                crate::ids::bytes(u64::try_from(nonce.len()).unwrap_or(u64::MAX))
             ),
         })
     }

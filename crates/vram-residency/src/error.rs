@@ -24,7 +24,7 @@ pub enum VramError {
 
     /// The model is larger than the configured maximum (IV-001, RP-003).
     #[error(
-        "the model is {size} bytes, over the configured maximum of {max} bytes (raise --max-model-bytes if this is intended)"
+        "the model is {}, over the configured maximum of {} (raise --max-model-bytes if this is intended)", crate::ids::bytes(*size), crate::ids::bytes(*max)
     )]
     ModelTooLarge {
         /// Size of the offered model.
@@ -100,7 +100,7 @@ pub enum VramError {
 
     /// Admission refused: the device has not got room for the model (VP-004, RP-001, RP-004).
     #[error(
-        "not enough VRAM on GPU {gpu}: {needed} bytes needed, {available} bytes available after headroom (evict a shard, choose another GPU, or lower the headroom)"
+        "not enough VRAM on GPU {gpu}: {} needed, {} available after headroom (evict a shard, choose another GPU, or lower the headroom)", crate::ids::bytes(*needed), crate::ids::bytes(*available)
     )]
     InsufficientVram {
         /// Target device.
@@ -112,7 +112,7 @@ pub enum VramError {
     },
 
     /// The backend could not allocate device memory.
-    #[error("device allocation of {bytes} bytes on GPU {gpu} failed: {reason}")]
+    #[error("device allocation of {} on GPU {gpu} failed: {reason}", crate::ids::bytes(*bytes))]
     AllocationFailed {
         /// Target device.
         gpu: u32,
@@ -133,7 +133,7 @@ pub enum VramError {
 
     /// The source delivered a different number of bytes than announced (for example, the file changed
     /// size while it was being read).
-    #[error("the source changed while being read: {expected} bytes announced, {actual} read")]
+    #[error("the source changed while being read: {} announced, {actual} read", crate::ids::bytes(*expected))]
     SourceChanged {
         /// Bytes announced up front.
         expected: u64,

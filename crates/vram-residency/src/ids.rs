@@ -105,6 +105,22 @@ impl fmt::Display for InvalidShardId {
 
 impl std::error::Error for InvalidShardId {}
 
+/// A byte count for messages: `1 byte`, `0 bytes`, `4096 bytes`.
+#[must_use]
+pub fn bytes(n: u64) -> String {
+    count(n, "byte", "bytes")
+}
+
+/// A count with its noun, singular for exactly one: `count(1, "tensor", "tensors")` is `1 tensor`.
+#[must_use]
+pub fn count(n: u64, singular: &str, plural: &str) -> String {
+    if n == 1 {
+        format!("{n} {singular}")
+    } else {
+        format!("{n} {plural}")
+    }
+}
+
 /// Nanoseconds since the Unix epoch, saturating (0 before the epoch).
 #[must_use]
 pub fn unix_nanos(t: SystemTime) -> u64 {

@@ -60,8 +60,8 @@ impl WorkerToken {
         };
         if bytes.len() < MIN_TOKEN_LEN {
             let reason = format!(
-                "it is {} bytes long; at least {MIN_TOKEN_LEN} are required (generate one with `openssl rand -hex 32`)",
-                bytes.len()
+                "it is {} long; at least {MIN_TOKEN_LEN} are required (generate one with `openssl rand -hex 32`)",
+                crate::ids::bytes(u64::try_from(bytes.len()).unwrap_or(u64::MAX))
             );
             return refuse(&mut bytes, reason);
         }

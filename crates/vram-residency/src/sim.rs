@@ -193,7 +193,10 @@ impl Backend for SimBackend {
             .bytes_per_device
             .saturating_sub(used_on(&live, gpu));
         if bytes > free {
-            return Err(failed(format!("only {free} bytes free on the sim device")));
+            return Err(failed(format!(
+                "only {} free on the sim device",
+                crate::ids::bytes(free)
+            )));
         }
         let len = usize::try_from(bytes).map_err(|_| failed("size exceeds usize".to_owned()))?;
         let mut memory = Vec::new();

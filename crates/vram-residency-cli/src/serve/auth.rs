@@ -241,9 +241,9 @@ fn parse_token_lines(text: &[u8]) -> Result<Vec<TokenLine<'_>>, String> {
         }
         if token.len() < MIN_TOKEN_LEN {
             return Err(format!(
-                "line {line}: the token is {} bytes long; at least {MIN_TOKEN_LEN} are required \
+                "line {line}: the token is {} long; at least {MIN_TOKEN_LEN} are required \
                  (generate one with `openssl rand -hex 32`)",
-                token.len()
+                vram_residency::ids::bytes(u64::try_from(token.len()).unwrap_or(u64::MAX))
             ));
         }
         if token.len() > MAX_TOKEN_LEN {

@@ -126,17 +126,19 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         token.bearer_check(),
         args.operator_tokens.as_deref(),
         args.observer_tokens.as_deref(),
-    )?;
+    )
+    .map_err(crate::cli::usage_of)?;
     if args.metrics_without_token && !args.listen.ip().is_loopback() {
-        anyhow::bail!(
+        return Err(crate::cli::usage(format!(
             "--metrics-without-token is allowed only with a loopback --listen address (127.0.0.1, \
              ::1); {} is not one. Give the scraper an observer token instead",
             args.listen
-        );
+        )));
     }
     access.metrics_without_token = args.metrics_without_token;
     let models = ModelsDir::new(&args.models_dir)
-        .with_context(|| format!("models directory {}", args.models_dir.display()))?;
+        .with_context(|| format!("models directory {}", args.models_dir.display()))
+        .map_err(crate::cli::usage_of)?;
     let backend = backends::open(
         args.backend.backend,
         args.backend.sim(),

@@ -94,8 +94,13 @@ fn seal_refuses_bad_input_with_clear_errors() {
     let short_token = f.path("short-token");
     let empty = f.path("empty.bin");
     let dir_as_token = f.path("");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["seal", &model, "--backend", "sim"], "no worker token"),
+    // (arguments, text the error must contain, exit status: 2 usage, 1 the operation failed)
+    let cases: Vec<(Vec<&str>, &str, i32)> = vec![
+        (
+            vec!["seal", &model, "--backend", "sim"],
+            "no worker token",
+            2,
+        ),
         (
             vec![
                 "seal",
@@ -106,6 +111,7 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 "/nonexistent/token",
             ],
             "/nonexistent/token",
+            2,
         ),
         (
             vec![
@@ -117,6 +123,7 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 &short_token,
             ],
             "at least 32",
+            2,
         ),
         (
             vec![
@@ -128,10 +135,12 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 &dir_as_token,
             ],
             "not a regular file",
+            2,
         ),
         (
             vec!["seal", &model, "--backend", "rocm", "--token-file", &token],
             "unknown backend",
+            2,
         ),
         (
             vec![
@@ -145,6 +154,7 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 "../x",
             ],
             "invalid shard id",
+            2,
         ),
         (
             vec![
@@ -158,6 +168,7 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 "sha256:abc",
             ],
             "64 hex",
+            2,
         ),
         (
             vec![
@@ -171,10 +182,12 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 "3",
             ],
             "out of range",
+            2,
         ),
         (
             vec!["seal", &empty, "--backend", "sim", "--token-file", &token],
             "empty",
+            1,
         ),
         (
             vec![
@@ -188,6 +201,7 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 "1000",
             ],
             "over the configured maximum",
+            1,
         ),
         (
             vec![
@@ -201,21 +215,30 @@ fn seal_refuses_bad_input_with_clear_errors() {
                 "1MB",
             ],
             "not enough VRAM",
+            1,
         ),
     ];
     let mut cases = cases;
     if !vram_residency_cuda::driver_present() {
         // The default backend is cuda; without a driver that is a clear error, not a fallback.
-        cases.push((vec!["seal", &model, "--token-file", &token], "libcuda.so"));
+        cases.push((
+            vec!["seal", &model, "--token-file", &token],
+            "libcuda.so",
+            1,
+        ));
     }
-    for (args, needle) in cases {
+    for (args, needle, status) in cases {
         let out = bin()
             .args(&args)
             .env_remove("VRAM_RESIDENCY_TOKEN")
             .output()
             .unwrap();
         let (stdout, stderr) = text(&out);
-        assert!(!out.status.success(), "{args:?} should fail: {stdout}");
+        assert_eq!(
+            out.status.code(),
+            Some(status),
+            "{args:?} should exit {status}: {stdout}\n{stderr}"
+        );
         assert!(
             stderr.contains(needle),
             "{args:?}: expected {needle:?} in: {stderr}"
@@ -241,7 +264,11 @@ fn seal_with_wrong_expected_digest_fails_and_names_both_digests() {
         .output()
         .unwrap();
     let (_, stderr) = text(&out);
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a refused seal is a failed operation"
+    );
     assert!(
         stderr.contains("digest mismatch") && stderr.contains(&wrong),
         "{stderr}"
@@ -293,7 +320,11 @@ fn demo_refuses_a_size_the_device_cannot_hold_before_building_anything() {
         .output()
         .unwrap();
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad --size is bad usage: {stdout}\n{stderr}"
+    );
     assert!(
         stderr.contains("does not fit") && stderr.contains("4.0 GiB"),
         "{stderr}"

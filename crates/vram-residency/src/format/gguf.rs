@@ -20,6 +20,7 @@ use super::{
     FieldName, GGUF_HEADER_CAP, HeaderReader, MAX_METADATA_COUNT, MAX_TENSOR_COUNT, MetadataEntry,
     ModelFormat, ModelFormatError, TensorInfo, TensorTable, quoted, sort_tensors, summarize_string,
 };
+use crate::ids::bytes;
 
 /// The GGUF magic at byte 0.
 pub(super) const MAGIC: &[u8] = b"GGUF";
@@ -356,8 +357,9 @@ pub(super) fn read(reader: &mut dyn Read, file_len: u64) -> Result<TensorTable, 
                 field(),
                 t.offset_field_at,
                 format!(
-                    "tensor {} occupies bytes [{offset}, {end}) but the file has {file_len} bytes",
-                    quoted(&t.name)
+                    "tensor {} occupies bytes [{offset}, {end}) but the file has {}",
+                    quoted(&t.name),
+                    bytes(file_len)
                 ),
             ));
         }

@@ -50,6 +50,7 @@ mod safetensors;
 
 use std::io::Read;
 
+use crate::ids::bytes;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
@@ -529,16 +530,19 @@ impl<'r> HeaderReader<'r> {
                 field(),
                 self.pos,
                 format!(
-                    "{len} bytes would take the header past the {} cap ({} bytes)",
-                    self.cap_name, self.cap
+                    "{} would take the header past the {} cap ({})",
+                    bytes(len),
+                    self.cap_name,
+                    bytes(self.cap)
                 ),
             )),
             _ => Err(self.error(
                 field(),
                 self.pos,
                 format!(
-                    "needs {len} bytes but only {} remain in the file",
-                    self.file_len.saturating_sub(self.pos)
+                    "needs {} but only {} remain in the file",
+                    bytes(len),
+                    bytes(self.file_len.saturating_sub(self.pos))
                 ),
             )),
         }
@@ -589,7 +593,10 @@ impl<'r> HeaderReader<'r> {
             return Err(self.error(
                 field(),
                 self.pos,
-                format!("the reader ended after {got} of {len} bytes, before file_len"),
+                format!(
+                    "the reader ended after {got} of {}, before file_len",
+                    bytes(len)
+                ),
             ));
         }
         self.advance(len);
@@ -605,7 +612,10 @@ impl<'r> HeaderReader<'r> {
             return Err(self.error(
                 field(),
                 self.pos,
-                format!("the reader ended after {got} of {len} bytes, before file_len"),
+                format!(
+                    "the reader ended after {got} of {}, before file_len",
+                    bytes(len)
+                ),
             ));
         }
         self.advance(len);

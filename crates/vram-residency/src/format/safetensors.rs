@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::Read;
 
+use crate::ids::bytes;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -273,7 +274,10 @@ pub(super) fn read(reader: &mut dyn Read, file_len: u64) -> Result<TensorTable, 
         return Err(r.error(
             "header_len".to_owned(),
             0,
-            format!("header length {n} exceeds the {after_len} bytes that follow it"),
+            format!(
+                "header length {n} exceeds the {} that follow it",
+                bytes(after_len)
+            ),
         ));
     }
     let mut json = Vec::new();
@@ -468,8 +472,8 @@ fn validate(
             "data section".to_owned(),
             data_start.saturating_add(cursor),
             format!(
-                "the last {} bytes of the file belong to no tensor",
-                data_len.saturating_sub(cursor)
+                "the last {} of the file belong to no tensor",
+                bytes(data_len.saturating_sub(cursor))
             ),
         ));
     }
