@@ -1,14 +1,24 @@
 //! Model paths confined to one directory (the worker service's `--models-dir`).
 //!
 //! A caller names a model by a path *relative to* the models directory. [`ModelsDir::open`] refuses,
-//! before touching the file system: an empty path, a NUL byte, an absolute path and any `..`
-//! component. It then resolves the path (`canonicalize`: every symlink followed), refuses a result that
-//! is not inside the (canonical) models directory — a symlink that points outside. It opens the
-//! resolved path with `O_NOFOLLOW | O_NONBLOCK` (a symlink swapped in since is refused; a FIFO swapped
-//! in does not block the open) and checks the type on the descriptor (`fstat`) before anything else:
-//! only a regular file passes (not a directory, FIFO, socket or device). On Linux it finally asks the
-//! kernel where the opened file descriptor really points (`/proc/self/fd/N`), so a directory swapped
-//! for a symlink between the check and the `open` is caught too.
+//! before touching the file system: an empty path, a NUL byte, control or Unicode direction
+//! characters, an absolute path and any `..` component.
+//!
+//! On Linux (5.6 and later) the kernel then resolves the path and opens the file in one step, relative
+//! to a descriptor of the models directory held since start: `openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_MAGICLINKS` and `O_NONBLOCK`. No step of the resolution can leave the directory — not a
+//! `..`, not a symbolic link pointing out, not an absolute symbolic link (even one that points back
+//! inside: only relative links that stay inside are followed), not a `/proc` magic link — and no
+//! rename or link swap between a check and the open can change that, because there is no separate
+//! check. Where `openat2` is missing (older kernels, or a seccomp profile that refuses it), the
+//! fallback resolves the path (`canonicalize`), refuses a result outside the canonical models
+//! directory, opens it with `O_NOFOLLOW | O_NONBLOCK` (a symlink swapped in since is refused) and asks
+//! the kernel where the descriptor really points (`/proc/self/fd/N`); [`ModelsDir::resolution`] says
+//! which is in use.
+//!
+//! Either way, `O_NONBLOCK` makes opening a FIFO (or a device) return at once instead of waiting for
+//! a writer, and the type is checked on the descriptor (`fstat`) before anything else: only a regular
+//! file passes (not a directory, FIFO, socket or device).
 //!
 //! **Hard links** (`st_nlink > 1`) are accepted: a hard link is the file itself, not a pointer to a
 //! path, so what is sealed and measured is exactly the bytes of the inode that was opened, whatever
@@ -28,10 +38,14 @@ use crate::error::{Result, VramError};
 /// Longest relative model path accepted, in bytes.
 pub const MAX_MODEL_PATH_LEN: usize = 4096;
 
-/// The directory model files are served from, canonicalised at start.
+/// The directory model files are served from, canonicalised (and on Linux opened) at start.
 #[derive(Debug, Clone)]
 pub struct ModelsDir {
     root: PathBuf,
+    /// The directory, opened `O_PATH` at start: model paths are resolved beneath it by the kernel.
+    /// `None` where `openat2` is not available.
+    #[cfg(target_os = "linux")]
+    beneath: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// A model file opened inside the models directory.
@@ -62,7 +76,22 @@ impl ModelsDir {
                 reason: format!("{} is not a directory", root.display()),
             });
         }
-        Ok(Self { root: canonical })
+        Ok(Self {
+            #[cfg(target_os = "linux")]
+            beneath: beneath::open_dir(&canonical).map(std::sync::Arc::new),
+            root: canonical,
+        })
+    }
+
+    /// How model paths are confined: `openat2 RESOLVE_BENEATH` (the kernel resolves beneath the
+    /// directory) or the fallback `canonicalize + O_NOFOLLOW` (see the module docs).
+    #[must_use]
+    pub fn resolution(&self) -> &'static str {
+        #[cfg(target_os = "linux")]
+        if self.beneath.is_some() {
+            return "openat2 RESOLVE_BENEATH";
+        }
+        "canonicalize + O_NOFOLLOW"
     }
 
     /// The canonical models directory.
@@ -111,13 +140,29 @@ impl ModelsDir {
     /// As [`resolve`](Self::resolve); [`VramError::InvalidModelPath`] when the opened file is not the
     /// one that was checked.
     pub fn open(&self, relative: &str) -> Result<OpenModel> {
+        #[cfg(target_os = "linux")]
+        if let Some(dir) = &self.beneath {
+            check_relative(relative)?;
+            let file = beneath::open(dir, relative)?;
+            let metadata = regular_file(&file, relative)?;
+            let path = real_path(&file, relative)?;
+            if !path.starts_with(&self.root) {
+                return Err(refused(
+                    relative,
+                    "it resolves outside the models directory (a symlink that points out of it?)",
+                ));
+            }
+            return Ok(OpenModel {
+                file,
+                path,
+                len: metadata.len(),
+            });
+        }
         let path = self.resolve(relative)?;
         let (file, metadata) = open_regular(&path, relative)?;
         #[cfg(target_os = "linux")]
         {
-            use std::os::fd::AsRawFd as _;
-            let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-                .map_err(|e| refused(relative, &format!("it cannot be checked ({})", e.kind())))?;
+            let real = real_path(&file, relative)?;
             if !real.starts_with(&self.root) {
                 return Err(refused(
                     relative,
@@ -150,7 +195,13 @@ fn open_regular(path: &Path, relative: &str) -> Result<(File, std::fs::Metadata)
     let file = options
         .open(path)
         .map_err(|e| refused(relative, &format!("it cannot be opened ({})", e.kind())))?;
-    // Checked on the descriptor (fstat), before anything else is done with it.
+    let metadata = regular_file(&file, relative)?;
+    Ok((file, metadata))
+}
+
+/// Checks on the descriptor (`fstat`), before anything else is done with it, that `file` is a regular
+/// file.
+fn regular_file(file: &File, relative: &str) -> Result<std::fs::Metadata> {
     let metadata = file
         .metadata()
         .map_err(|e| refused(relative, &format!("it cannot be read ({})", e.kind())))?;
@@ -160,7 +211,85 @@ fn open_regular(path: &Path, relative: &str) -> Result<(File, std::fs::Metadata)
             "it is not a regular file (a directory, FIFO, socket or device)",
         ));
     }
-    Ok((file, metadata))
+    Ok(metadata)
+}
+
+/// Where the kernel says the open descriptor points.
+#[cfg(target_os = "linux")]
+fn real_path(file: &File, relative: &str) -> Result<PathBuf> {
+    use std::os::fd::AsRawFd as _;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| refused(relative, &format!("it cannot be checked ({})", e.kind())))
+}
+
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` beneath the models directory (Linux ≥ 5.6).
+#[cfg(target_os = "linux")]
+mod beneath {
+    use std::fs::File;
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::io::Errno;
+
+    use super::{VramError, refused, shown};
+    use crate::error::Result;
+
+    const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_MAGICLINKS);
+
+    /// The directory opened `O_PATH`, or `None` when `openat2` cannot be used here (probed once).
+    pub(super) fn open_dir(root: &Path) -> Option<OwnedFd> {
+        let dir = rustix::fs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        match rustix::fs::openat2(
+            &dir,
+            ".",
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(_) => Some(dir),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "openat2 is not available; model paths are confined by canonicalize + O_NOFOLLOW"
+                );
+                None
+            }
+        }
+    }
+
+    /// Opens `relative` (already checked by `check_relative`) read-only beneath `dir`.
+    pub(super) fn open(dir: &OwnedFd, relative: &str) -> Result<File> {
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        match rustix::fs::openat2(dir, relative, flags, Mode::empty(), RESOLVE) {
+            Ok(fd) => Ok(File::from(fd)),
+            Err(Errno::NOENT) => Err(VramError::ModelNotFound {
+                path: shown(relative),
+            }),
+            Err(Errno::XDEV) => Err(refused(
+                relative,
+                "it resolves outside the models directory (a symlink that points out of it, or an \
+                 absolute symlink: only relative symlinks that stay inside are followed)",
+            )),
+            Err(Errno::LOOP) => Err(refused(
+                relative,
+                "too many levels of symbolic links, or a /proc magic link",
+            )),
+            Err(Errno::NOTDIR) => Err(refused(relative, "a component of it is not a directory")),
+            Err(error) => Err(refused(
+                relative,
+                &format!(
+                    "it cannot be opened ({})",
+                    std::io::Error::from(error).kind()
+                ),
+            )),
+        }
+    }
 }
 
 /// The checks that need no file system: non-empty, no NUL, not absolute, no `..`, bounded length.
@@ -248,7 +377,9 @@ mod tests {
         {
             std::os::unix::fs::symlink(&outside, root.join("escape.bin")).unwrap();
             std::os::unix::fs::symlink(dir.path(), root.join("up")).unwrap();
-            std::os::unix::fs::symlink(root.join("a.bin"), root.join("inside-link.bin")).unwrap();
+            std::os::unix::fs::symlink("a.bin", root.join("inside-link.bin")).unwrap();
+            std::os::unix::fs::symlink("../a.bin", root.join("sub/up-link.bin")).unwrap();
+            std::os::unix::fs::symlink(root.join("a.bin"), root.join("absolute-link.bin")).unwrap();
         }
         let models = ModelsDir::new(&root).unwrap();
         Fixture {
@@ -274,7 +405,22 @@ mod tests {
             assert!(model.path.starts_with(f.models.root()));
         }
         #[cfg(unix)]
-        assert!(f.models.open("inside-link.bin").is_ok());
+        {
+            assert!(f.models.open("inside-link.bin").is_ok());
+            assert!(f.models.open("sub/up-link.bin").is_ok());
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_kernel_confines_resolution_and_refuses_absolute_symlinks_even_into_the_dir() {
+        let f = fixture();
+        // This machine's kernel has openat2 (Linux >= 5.6); a test run where it does not must say so.
+        assert_eq!(f.models.resolution(), "openat2 RESOLVE_BENEATH");
+        let reason = refused_reason(&f, "absolute-link.bin");
+        assert!(reason.contains("absolute symlink"), "{reason}");
+        let reason = refused_reason(&f, "escape.bin");
+        assert!(reason.contains("outside"), "{reason}");
     }
 
     #[test]
@@ -304,7 +450,12 @@ mod tests {
     fn directories_and_missing_files_are_refused() {
         let f = fixture();
         assert!(refused_reason(&f, "sub").contains("regular file"));
-        assert!(refused_reason(&f, ".").contains("itself"));
+        // The directory itself: "not a regular file" (openat2) or "the models directory itself".
+        let reason = refused_reason(&f, ".");
+        assert!(
+            reason.contains("regular file") || reason.contains("itself"),
+            "{reason}"
+        );
         assert!(matches!(
             f.models.open("missing.bin"),
             Err(VramError::ModelNotFound { .. })
