@@ -1759,3 +1759,88 @@ fn serve_a_fifo_in_the_models_dir_is_refused_at_once_and_holds_no_operation_slot
     // The one slot is free: a real commit goes through.
     assert_eq!(server.commit("a.bin", "after-fifo").status, 201);
 }
+
+/// The race of the issue: a FIFO renamed over a model file while it is committed again and again
+/// (one operation slot). No commit may block: each ends within seconds, sealed (the file) or refused
+/// as not a regular file (the FIFO), and the slot is free at the end.
+#[test]
+fn serve_a_fifo_swapped_in_during_commits_never_blocks_a_slot() {
+    let home = Home::new();
+    let models = home.path("models");
+    if !Command::new("mkfifo")
+        .arg(models.join("probe.fifo"))
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        crate::support::skip(
+            "serve_a_fifo_swapped_in_during_commits_never_blocks_a_slot",
+            "mkfifo not available",
+        );
+        return;
+    }
+    let bytes = crate::support::random_bytes(64 << 10, 7);
+    std::fs::write(models.join("swap.bin"), &bytes).unwrap();
+    let server = home.start(&["--max-parallel-ops", "1"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = std::sync::Arc::clone(&stop);
+        let models = models.clone();
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let fifo = models.join("next.fifo");
+                let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+                assert!(made.success());
+                std::fs::rename(&fifo, models.join("swap.bin")).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+                std::fs::write(models.join("next.file"), &bytes).unwrap();
+                std::fs::rename(models.join("next.file"), models.join("swap.bin")).unwrap();
+                std::thread::sleep(Duration::from_millis(2));
+                swaps += 2;
+            }
+            swaps
+        })
+    };
+    let (mut sealed, mut refused, mut slowest) = (0u32, 0u32, Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut round = 0u32;
+    while (round < 200 || sealed == 0 || refused == 0) && Instant::now() < deadline {
+        round += 1;
+        let started = Instant::now();
+        let reply = server.post(
+            "/v1/shards",
+            &json!({"model": "swap.bin", "gpu": 0, "shard_id": format!("s{round}"), "format": "raw"}),
+        );
+        slowest = slowest.max(started.elapsed());
+        match reply.status {
+            201 => {
+                sealed += 1;
+                assert_eq!(server.delete(&format!("/v1/shards/s{round}")).status, 200);
+            }
+            400 => {
+                assert_error(&reply, 400, "invalid_model_path");
+                refused += 1;
+            }
+            // The file was replaced while it was read (size/identity changed): refused, not stuck.
+            409 | 422 => refused += 1,
+            other => panic!("unexpected {other}: {}", reply.text),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    println!(
+        "fifo swaps: {swaps}; commits: {round}, sealed {sealed}, refused {refused}; slowest {slowest:?}"
+    );
+    assert!(sealed > 0 && refused > 0, "the swap never raced a commit");
+    assert!(
+        slowest < Duration::from_secs(10),
+        "a commit blocked for {slowest:?}"
+    );
+    // The one slot is free afterwards.
+    std::fs::write(
+        models.join("after.bin"),
+        crate::support::random_bytes(4096, 8),
+    )
+    .unwrap();
+    assert_eq!(server.commit("after.bin", "after-swap").status, 201);
+}
