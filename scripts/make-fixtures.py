@@ -9,6 +9,11 @@ our Rust code:
 - `tiny.safetensors`: written by `safetensors.numpy.save_file`; its `.expected.json` lists what
   `safetensors.safe_open` / `safetensors.deserialize` report.
 - `ggml-quant-sizes.json`: `gguf.constants.GGML_QUANT_SIZES` (block size, type size per ggml type).
+- `adversarial/`: damaged copies of the upstream-written files (bad magic, empty, huge header
+  length, over the header cap, past the end of the file, overlapping and out-of-bounds tensors), and
+  `adversarial/expected.json`: for each, the field and byte offset a refusal must name (computed here
+  from the file's own bytes and the upstream reader's field positions) and whether the upstream
+  reader refuses it too.
 - `safetensors-dtypes.json`: every dtype the upstream safetensors reader knows (taken from its own
   "unknown variant" error) with its size in bits, measured by asking the upstream reader which
   byte length it accepts for a tensor of shape [8].
@@ -215,6 +220,150 @@ def make_safetensors_dtypes(path: Path) -> None:
     write_json(path, {"versions": versions(), "bits": bits, "order": names})
 
 
+def upstream_gguf_error(path: Path) -> str | None:
+    try:
+        reader = gguf.GGUFReader(str(path))
+        for t in reader.tensors:  # the reader maps tensor data lazily; touch every tensor
+            np.asarray(t.data).sum()
+        return None
+    except Exception as error:  # noqa: BLE001 - any refusal counts; its text is recorded
+        return f"{type(error).__name__}: {error}"[:200]
+
+
+def upstream_safetensors_error(raw: bytes) -> str | None:
+    try:
+        safetensors.deserialize(raw)
+        return None
+    except Exception as error:  # noqa: BLE001 - the binding raises SafetensorError
+        return f"{type(error).__name__}: {error}"[:200]
+
+
+def make_adversarial(out: Path) -> None:
+    """Damaged models: each must be refused, naming the field and the byte offset listed."""
+    out.mkdir(exist_ok=True)
+    cases = []
+
+    def add(name: str, data: bytes, fmt: str, candidates: list, upstream: str | None) -> None:
+        (out / name).write_bytes(data)
+        cases.append(
+            {
+                "file": name,
+                "format": fmt,
+                # The refusal must name one of these (field, offset) pairs.
+                "expect_one_of": [{"field": f, "offset": o} for f, o in candidates],
+                "upstream_refuses": upstream is not None,
+                "upstream_error": upstream,
+            }
+        )
+
+    # --- safetensors, from the upstream-written tiny.safetensors ---
+    st = (OUT / "tiny.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", st[:8])
+    header = json.loads(st[8 : 8 + n])
+
+    def with_header_len(value: int) -> bytes:
+        return struct.pack("<Q", value) + st[8:]
+
+    for name, value in [
+        ("st-header-len-huge.safetensors", 1 << 60),
+        ("st-header-len-over-cap.safetensors", 100 * 1024 * 1024 + 1),
+        ("st-header-len-past-eof.safetensors", len(st)),
+    ]:
+        data = with_header_len(value)
+        add(name, data, "safetensors", [("header_len", 0)], upstream_safetensors_error(data))
+
+    def rewrite(mutate) -> tuple[bytes, bytes]:
+        h = json.loads(json.dumps(header))
+        mutate(h)
+        text = json.dumps(h, separators=(",", ":")).encode()
+        text += b" " * ((8 - len(text) % 8) % 8)
+        return struct.pack("<Q", len(text)) + text + st[8 + n :], text
+
+    # Overlap: the tensor that follows another one moved 8 bytes back, into it (same length, so
+    # the first thing wrong in offset order is the overlap, not a gap).
+    by_begin = sorted(
+        (k for k in header if k != "__metadata__" and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]),
+        key=lambda k: header[k]["data_offsets"][0],
+    )
+    before, moved = by_begin[0], by_begin[1]
+    b, e = header[moved]["data_offsets"]
+    data, text = rewrite(lambda h: h[moved].__setitem__("data_offsets", [b - 8, e - 8]))
+    candidates = [
+        (f'header["{k}"].data_offsets', 8 + text.index(f'"{k}":'.encode()))
+        for k in (moved, before)
+    ]
+    add("st-overlap.safetensors", data, "safetensors", candidates, upstream_safetensors_error(data))
+
+    # Out of bounds: "scale" ends 4 bytes past the data section.
+    data_len = len(st) - 8 - n
+    data, text = rewrite(
+        lambda h: h["scale"].__setitem__("data_offsets", [data_len, data_len + 4])
+    )
+    at = 8 + text.index(b'"scale":')
+    add(
+        "st-out-of-bounds.safetensors",
+        data,
+        "safetensors",
+        [('header["scale"].data_offsets', at)],
+        upstream_safetensors_error(data),
+    )
+
+    # --- GGUF, from the upstream-written tiny-v3.gguf ---
+    gg = (OUT / "tiny-v3.gguf").read_bytes()
+    bad = bytearray(gg)
+    bad[3:4] = b"X"
+    (out / "gguf-bad-magic.gguf").write_bytes(bad)
+    add(
+        "gguf-bad-magic.gguf",
+        bytes(bad),
+        "gguf",
+        [("magic", 0)],
+        upstream_gguf_error(out / "gguf-bad-magic.gguf"),
+    )
+    (out / "empty.gguf").write_bytes(b"")
+    add("empty.gguf", b"", "gguf", [("magic", 0)], upstream_gguf_error(out / "empty.gguf"))
+
+    # Tensor offsets: where each tensor_info's offset field lies, from the upstream reader's parts.
+    reader = gguf.GGUFReader(str(OUT / "tiny-v3.gguf"))
+    infos = []
+    for index, t in enumerate(reader.tensors):
+        field = t.field
+        offset_at = field.offset + sum(int(p.nbytes) for p in field.parts[:-1])
+        (relative,) = struct.unpack_from("<Q", gg, offset_at)
+        assert relative == int(t.data_offset) - int(reader.data_offset), t.name
+        infos.append((index, offset_at, relative, int(t.n_bytes)))
+    nonempty = [i for i in infos if i[3] > 0]
+    first, second = nonempty[0], nonempty[1]
+
+    # Overlap: the second tensor placed at the first one's offset (still aligned).
+    data = bytearray(gg)
+    struct.pack_into("<Q", data, second[1], first[2])
+    (out / "gguf-overlap.gguf").write_bytes(data)
+    add(
+        "gguf-overlap.gguf",
+        bytes(data),
+        "gguf",
+        [(f"tensor_info[{i[0]}].offset", i[1]) for i in (first, second)],
+        upstream_gguf_error(out / "gguf-overlap.gguf"),
+    )
+
+    # Out of bounds: the last tensor moved one alignment unit past the end of the file.
+    last = max(infos, key=lambda i: i[2])
+    past = (len(gg) - int(reader.data_offset) + int(reader.alignment)) // int(reader.alignment)
+    data = bytearray(gg)
+    struct.pack_into("<Q", data, last[1], past * int(reader.alignment))
+    (out / "gguf-out-of-bounds.gguf").write_bytes(data)
+    add(
+        "gguf-out-of-bounds.gguf",
+        bytes(data),
+        "gguf",
+        [(f"tensor_info[{last[0]}].offset", last[1])],
+        upstream_gguf_error(out / "gguf-out-of-bounds.gguf"),
+    )
+
+    write_json(out / "expected.json", {"versions": versions(), "cases": cases})
+
+
 def make_quant_sizes(path: Path) -> None:
     sizes = {
         t.name: {"id": int(t.value), "block_size": int(b), "type_size": int(s)}
@@ -230,6 +379,7 @@ def main() -> None:
     make_safetensors(OUT / "tiny.safetensors")
     make_safetensors_dtypes(OUT / "safetensors-dtypes.json")
     make_quant_sizes(OUT / "ggml-quant-sizes.json")
+    make_adversarial(OUT / "adversarial")
     for f in sorted(OUT.iterdir()):
         size = f.stat().st_size
         assert size < MAX_FIXTURE_BYTES, f"{f.name} is {size} bytes"

@@ -293,6 +293,69 @@ fn a_table_that_does_not_describe_the_uploaded_header_is_refused_and_nothing_is_
     );
 }
 
+/// The adversarial fixtures (damaged copies of upstream-written files, `scripts/make-fixtures.py`):
+/// each is refused by `inspect` and `seal` with exit status 1, naming the field and the byte offset
+/// that the generator computed from the file's own bytes and the upstream reader's field positions;
+/// nothing is sealed (IV-001).
+#[test]
+fn adversarial_fixtures_are_refused_naming_field_and_offset_iv_001() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    crate::support::write_secret(token.clone(), crate::support::TEST_TOKEN);
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("adversarial/expected.json")).unwrap())
+            .unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert!(
+        cases.len() >= 9,
+        "the generator wrote {} cases",
+        cases.len()
+    );
+    for case in cases {
+        let name = case["file"].as_str().unwrap();
+        let path = fixture(&format!("adversarial/{name}"));
+        let format = case["format"].as_str().unwrap();
+        let wanted: Vec<String> = case["expect_one_of"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                format!(
+                    "{format}: {} at byte {}:",
+                    c["field"].as_str().unwrap(),
+                    c["offset"]
+                )
+            })
+            .collect();
+        let out = bin().arg("inspect").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            wanted.iter().any(|w| stderr.contains(w.as_str())),
+            "{name}: expected one of {wanted:?} in: {stderr}"
+        );
+        let out = bin()
+            .arg("seal")
+            .arg(&path)
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--backend", "sim", "--json"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(out.stdout.is_empty(), "{name}: printed a seal");
+        // An empty file is refused as empty before its format is looked at.
+        let empty_refused =
+            std::fs::metadata(&path).unwrap().len() == 0 && stderr.contains("the model is empty");
+        assert!(
+            empty_refused || wanted.iter().any(|w| stderr.contains(w.as_str())),
+            "{name}: expected one of {wanted:?} in: {stderr}"
+        );
+        println!("{name}: refused: {}", stderr.trim());
+    }
+}
+
 /// The race of the issue: a writer flips a safetensors header between valid and malformed (same
 /// length, written in place) while the file is sealed again and again. Every seal that succeeds must
 /// carry the digest of the valid file (its table describes the sealed bytes); the others are refused.
