@@ -203,8 +203,12 @@ fn measure_in(
     let level1_bytes = len.div_ceil(SPAN).saturating_mul(HASH);
     let streams: [&Arc<CudaStream>; 2] = [&workspace.main, &workspace.second];
     queue_windows(function, buffer, plan, layout, &streams, arena)?;
-    sync(&workspace.second)?;
-    sync(&workspace.main)?;
+    // The upper levels (queued on the main stream) wait for the second stream's windows on the
+    // device, not through a host round trip.
+    workspace
+        .main
+        .join(&workspace.second)
+        .map_err(CudaError::driver("cuStreamWaitEvent"))?;
     let root = upper_levels(function, &workspace.main, arena, layout, len.div_ceil(SPAN))?;
     let mut hashes = vec![
         0u8;
