@@ -24,6 +24,8 @@ mod fsverity_oracle;
 mod gpu;
 #[path = "api/manager.rs"]
 mod manager;
+#[path = "api/openapi.rs"]
+mod openapi;
 #[path = "api/properties.rs"]
 mod properties;
 #[path = "api/serve.rs"]
