@@ -1,5 +1,8 @@
 //! Integration tests: one test binary (link time matters on 2 cores), one module per concern.
-//! Test names say what they prove and cite the requirement IDs of `shared/seed/security-spec.md`.
+//! Test names say what they prove and end with the requirement IDs they prove (`..._ci_001`,
+//! `..._iv_001_to_005`): `docs/requirements.md` has the rule and lists every ID with its tests, and
+//! `docs::every_requirement_id_is_traced_between_test_names_and_docs_requirements_md` keeps the two
+//! in step.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -24,6 +27,8 @@ mod fsverity_oracle;
 mod gpu;
 #[path = "api/manager.rs"]
 mod manager;
+#[path = "api/openapi.rs"]
+mod openapi;
 #[path = "api/properties.rs"]
 mod properties;
 #[path = "api/serve.rs"]

@@ -90,7 +90,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_device_memory_on_the_right_gpu_passes_vp_001_003() {
+    fn only_plain_device_memory_on_the_right_gpu_passes_vp_001_003_005() {
         let good = PointerFacts {
             memory_type: MEMORY_TYPE_DEVICE,
             is_managed: 0,

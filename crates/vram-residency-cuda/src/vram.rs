@@ -87,17 +87,7 @@ impl VramBuffer {
     /// # Errors
     /// [`CudaError::OutOfBounds`].
     pub fn checked_range(&self, offset: u64, len: u64) -> Result<u64> {
-        let end = offset.checked_add(len).ok_or(CudaError::OutOfBounds {
-            what: "offset + length overflows",
-        })?;
-        if end > self.len {
-            return Err(CudaError::OutOfBounds {
-                what: "range beyond the end of the device buffer",
-            });
-        }
-        self.ptr.checked_add(offset).ok_or(CudaError::OutOfBounds {
-            what: "device address overflows",
-        })
+        checked_address(self.ptr, self.len, offset, len)
     }
 
     /// Copies `src` to `offset` and waits for the copy (pageable or pinned host memory).
@@ -149,6 +139,23 @@ impl VramBuffer {
     }
 }
 
+/// The device address of `offset` in an allocation of `size` bytes at `base`, after checking with
+/// checked arithmetic that `offset..offset + len` lies inside it (MS-006/007). Every copy into or
+/// out of a [`VramBuffer`] goes through it.
+fn checked_address(base: u64, size: u64, offset: u64, len: u64) -> Result<u64> {
+    let end = offset.checked_add(len).ok_or(CudaError::OutOfBounds {
+        what: "offset + length overflows",
+    })?;
+    if end > size {
+        return Err(CudaError::OutOfBounds {
+            what: "range beyond the end of the device buffer",
+        });
+    }
+    base.checked_add(offset).ok_or(CudaError::OutOfBounds {
+        what: "device address overflows",
+    })
+}
+
 impl Drop for VramBuffer {
     fn drop(&mut self) {
         let freed = self
@@ -162,5 +169,48 @@ impl Drop for VramBuffer {
             FREE_ERRORS.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%error, bytes = self.len, "cuMemFree failed; device memory may leak");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_outside_the_allocation_are_refused_ms_002_006_007() {
+        let base = 0x7f00_0000_0000_u64;
+        assert_eq!(checked_address(base, 4096, 0, 4096).unwrap(), base);
+        assert_eq!(
+            checked_address(base, 4096, 4095, 1).unwrap(),
+            0x7f00_0000_0fff
+        );
+        // An empty range at the very end touches nothing.
+        assert_eq!(
+            checked_address(base, 4096, 4096, 0).unwrap(),
+            0x7f00_0000_1000
+        );
+        for (offset, len) in [
+            (4096, 1),
+            (4095, 2),
+            (0, 4097),
+            (4097, 0),
+            (u64::MAX, 1),
+            (1, u64::MAX),
+            (u64::MAX, u64::MAX),
+        ] {
+            assert!(
+                matches!(
+                    checked_address(base, 4096, offset, len),
+                    Err(CudaError::OutOfBounds { .. })
+                ),
+                "offset {offset} len {len}"
+            );
+        }
+        // A range inside the size but past the end of the address space.
+        assert!(matches!(
+            checked_address(u64::MAX - 10, 4096, 100, 1),
+            Err(CudaError::OutOfBounds { .. })
+        ));
     }
 }

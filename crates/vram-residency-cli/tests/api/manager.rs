@@ -162,7 +162,9 @@ fn manager_with_other_token_has_another_identity_and_its_attestations_do_not_ver
 }
 
 #[test]
-fn bad_input_is_refused_with_a_clear_error_and_no_state_change_iv_001_to_005() {
+fn bad_input_is_refused_with_a_clear_error_and_no_state_change_iv_001_to_005_rp_003() {
+    // The size limit is configurable (used below) and 100 GB by default.
+    assert_eq!(ManagerConfig::default().max_model_bytes, 100_000_000_000);
     let w = sim_worker(
         1,
         1 << 20,
@@ -294,6 +296,28 @@ fn deallocate_and_drop_return_capacity_and_deallocate_is_audited_rp_005() {
         .filter(|e| matches!(e.event, AuditEvent::VramDeallocated { bytes: 5000, .. }))
         .count();
     assert_eq!(freed, 1);
+}
+
+#[test]
+fn a_shard_outliving_its_manager_and_backend_drops_without_panicking_ms_005() {
+    // Drop must not panic under any circumstances (MS-005): here the shard's backend and manager
+    // are gone first, so its memory's owner can no longer be told; the drop frees what it holds.
+    let w = small_worker();
+    let shard = w.manager.seal_model(&[3; 5000], 0).unwrap();
+    let other = w.manager.seal_model(&[4; 5000], 1).unwrap();
+    let crate::support::SimWorker {
+        sim,
+        manager,
+        audit,
+    } = w;
+    drop(manager);
+    drop(sim);
+    drop(audit);
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        drop(shard);
+        drop(other);
+    }));
+    assert!(dropped.is_ok(), "dropping a shard panicked");
 }
 
 #[test]

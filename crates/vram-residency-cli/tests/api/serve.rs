@@ -21,7 +21,7 @@ const MIB: usize = 1 << 20;
 /// API tokens of the test homes: two operator tokens (a rotation in progress) and one observer token.
 pub const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef0123456789";
 const OPERATOR_TOKEN_ROTATED: &str = "operator-token-rotated-0123456789abcdef01";
-const OBSERVER_TOKEN: &str = "observer-token-0123456789abcdef0123456789";
+pub const OBSERVER_TOKEN: &str = "observer-token-0123456789abcdef0123456789";
 
 /// Every route that needs a token, with a body where it takes one.
 const TOKEN_ROUTES: [(&str, &str, Option<&str>); 8] = [
@@ -240,13 +240,15 @@ impl Drop for Server {
     }
 }
 
-/// A response: status, body as JSON (Null when not JSON), raw text and headers.
+/// A response: status, body as JSON (Null when not JSON), raw text, headers and the media type of
+/// `Content-Type` (without parameters; empty when there is none).
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub json: Value,
     pub text: String,
     pub headers: String,
+    pub media_type: String,
 }
 
 impl Server {
@@ -274,12 +276,26 @@ impl Server {
         };
         let mut response = response.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let headers = format!("{:?}", response.headers());
+        let media_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| {
+                v.to_str()
+                    .unwrap()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default();
         let text = response.body_mut().read_to_string().unwrap();
         Reply {
             status: response.status().as_u16(),
             json: serde_json::from_str(&text).unwrap_or(Value::Null),
             text,
             headers,
+            media_type,
         }
     }
 
@@ -351,7 +367,7 @@ fn wait_bounded(child: &mut Child) -> ExitStatus {
 }
 
 /// `Authorization` value with the (first) operator token.
-fn bearer() -> String {
+pub fn bearer() -> String {
     format!("Bearer {OPERATOR_TOKEN}")
 }
 
