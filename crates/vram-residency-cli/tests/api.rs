@@ -17,6 +17,8 @@
 
 #[path = "api/cli.rs"]
 mod cli;
+#[path = "api/deploy.rs"]
+mod deploy;
 #[path = "api/docs.rs"]
 mod docs;
 #[path = "api/formats.rs"]

@@ -149,6 +149,13 @@ pub enum AuditEvent {
         /// The address it listens on.
         listen: String,
     },
+    /// The worker service runs as root (effective uid 0), allowed by `serve --allow-root` (warning):
+    /// it needs no privilege, so a compromise of it should not be a compromise of the host. Recorded
+    /// right after `service_started`.
+    ServiceRunsAsRoot {
+        /// Says so in words, with the flag that allowed it.
+        note: String,
+    },
     /// The worker service shut down after freeing every shard.
     ServiceStopped {
         /// What asked it to stop (`SIGTERM`, `SIGINT`).
@@ -180,7 +187,9 @@ impl AuditEvent {
             | Self::ServiceStarted { .. }
             | Self::ServiceStopped { .. }
             | Self::AuditLogCreated { .. } => Severity::Info,
-            Self::VramAllocationFailed { .. } | Self::AuditLogRecovered { .. } => Severity::Warning,
+            Self::VramAllocationFailed { .. }
+            | Self::AuditLogRecovered { .. }
+            | Self::ServiceRunsAsRoot { .. } => Severity::Warning,
             Self::SealVerificationFailed { .. }
             | Self::PolicyViolation { .. }
             | Self::WorkerStopped { .. }
@@ -203,6 +212,7 @@ impl AuditEvent {
             Self::AuditLogRecovered { .. } => "audit_log_recovered",
             Self::AuditLogCreated { .. } => "audit_log_created",
             Self::ServiceStarted { .. } => "service_started",
+            Self::ServiceRunsAsRoot { .. } => "service_runs_as_root",
             Self::ServiceStopped { .. } => "service_stopped",
             Self::WorkerTokenRefused { .. } => "worker_token_refused",
         }

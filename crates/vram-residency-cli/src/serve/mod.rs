@@ -1,6 +1,7 @@
 //! `vram-residency serve`: the worker service (axum on tokio; the core crate stays synchronous).
 //!
-//! Start-up: worker token (file or environment, never argv) → API tokens and their roles (files; the
+//! Start-up: the root check (refused as root unless `--allow-root`; before anything is read, opened
+//! or bound) → worker token (file or environment, never argv) → API tokens and their roles (files; the
 //! worker token is never one) → models directory → backend → audit log (locked, verified with the
 //! worker's public key, chain continued; created with its first record if missing) → manager →
 //! listener. The bound address
@@ -80,7 +81,34 @@ pub struct ServeArgs {
     /// Seals, verifications and attestations running at once; more wait their turn.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_PARALLEL_OPS", default_value_t = 4)]
     pub max_parallel_ops: u32,
+    /// Start even as root (effective uid 0), with a warning and an audit record. Without it, serve
+    /// refuses to run as root: it needs no privilege (run it as a dedicated user, see deploy/). No
+    /// environment variable: the choice stays visible on the command line.
+    #[arg(long)]
+    pub allow_root: bool,
 }
+
+/// Whether the service may start, given `--allow-root` and whether the effective uid is 0: `Ok(true)`
+/// when it runs as root by permission (the caller warns and audits), `Ok(false)` when not root, and
+/// the refusal, naming the flag, when root without it.
+fn root_check(allow_root: bool, euid_is_root: bool) -> anyhow::Result<bool> {
+    match (euid_is_root, allow_root) {
+        (false, _) => Ok(false),
+        (true, true) => Ok(true),
+        (true, false) => anyhow::bail!(
+            "refusing to run as root (effective uid 0): the worker needs no privilege beyond the \
+             NVIDIA device nodes, and a compromise of a root service is a compromise of the host. Run \
+             it as a dedicated user (deploy/systemd/vram-residency.service, deploy/container/), or \
+             pass --allow-root to run as root anyway"
+        ),
+    }
+}
+
+/// The warning printed (stderr) and recorded (audit log) when `--allow-root` lets the service run as
+/// root.
+const ROOT_WARNING: &str = "running as root (effective uid 0) because --allow-root was given: a \
+                            compromise of this service is a compromise of the host; run it as a \
+                            dedicated user instead (see deploy/)";
 
 /// `IP:PORT`, `[IPv6]:PORT`, or `localhost:PORT` (loopback, IPv4); a bare port gets a hint.
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {
@@ -112,15 +140,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    // First of all: nothing is read, opened or bound by a root process that was not told it may run.
+    let as_root = root_check(args.allow_root, rustix::process::geteuid().is_root())?;
+    if as_root {
+        eprintln!("WARNING: {ROOT_WARNING}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(64)
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(args, as_root))
 }
 
-async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
     let token = load_token(args.token_file.as_deref())?;
     let mut access = auth::Access::load(
         token.bearer_check(),
@@ -189,6 +222,15 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             listen: local.to_string(),
         },
     )?;
+    if as_root {
+        record(
+            audit_log.as_ref(),
+            kind,
+            AuditEvent::ServiceRunsAsRoot {
+                note: ROOT_WARNING.to_owned(),
+            },
+        )?;
+    }
 
     let app = Arc::new(state::AppState::new(
         Arc::clone(&manager),
@@ -333,5 +375,19 @@ mod tests {
         assert!(hint.contains("127.0.0.1:8471"), "{hint}");
         assert!(super::parse_listen("localhost:http").is_err());
         assert!(super::parse_listen("example.org:80").is_err());
+    }
+
+    #[test]
+    fn root_is_refused_without_allow_root_and_the_refusal_names_the_flag() {
+        assert!(!super::root_check(false, false).unwrap());
+        assert!(
+            !super::root_check(true, false).unwrap(),
+            "the flag alone is not root"
+        );
+        assert!(super::root_check(true, true).unwrap());
+        let refused = super::root_check(false, true).unwrap_err().to_string();
+        assert!(refused.contains("--allow-root"), "{refused}");
+        assert!(refused.contains("effective uid 0"), "{refused}");
+        assert!(super::ROOT_WARNING.contains("--allow-root"));
     }
 }

@@ -125,12 +125,29 @@ impl Home {
         self.launch(extra, env, true)
     }
 
-    /// Starts `serve`; with `api_tokens` false, without any API token file of this home.
+    /// Starts `serve`; with `api_tokens` false, without any API token file of this home. Run as
+    /// root, it passes `--allow-root` (see [`Home::launch_without_allow_root`]).
     pub fn launch(
         &self,
         extra: &[&str],
         env: &[(&str, &str)],
         api_tokens: bool,
+    ) -> Result<Server, Refused> {
+        self.spawn(extra, env, api_tokens, true)
+    }
+
+    /// Starts `serve` exactly as [`Home::start`] does, but never with `--allow-root`, so that run as
+    /// root it must refuse to start.
+    pub fn launch_without_allow_root(&self, extra: &[&str]) -> Result<Server, Refused> {
+        self.spawn(extra, &[], true, false)
+    }
+
+    fn spawn(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        api_tokens: bool,
+        allow_root: bool,
     ) -> Result<Server, Refused> {
         let stderr_path = self.path(&format!("stderr-{}.log", unique()));
         let mut command = bin();
@@ -160,6 +177,9 @@ impl Home {
             .args(["--sweep-interval", "0"]);
         if !extra.contains(&"--sim-vram") {
             command.args(["--sim-vram", "64MiB"]);
+        }
+        if allow_root && !extra.contains(&"--allow-root") {
+            command.args(crate::support::allow_root());
         }
         if !env.iter().any(|(k, _)| *k == "VRAM_RESIDENCY_TOKEN") {
             command.arg("--token-file").arg(self.path("token"));
@@ -448,7 +468,8 @@ fn serve_api_token_is_required_on_v1_and_metrics_but_not_healthz_unknown_tokens_
 }
 
 /// The audit records whose event is `name`, as JSON (`entry` of each line).
-fn audit_records(home: &Home, name: &str) -> Vec<Value> {
+/// The `entry` of every record of this home's audit log whose event is `name`.
+pub fn audit_records(home: &Home, name: &str) -> Vec<Value> {
     home.audit_log()
         .lines()
         .map(|line| serde_json::from_str::<Value>(line).unwrap()["entry"].clone())
@@ -1276,6 +1297,7 @@ fn serve_refuses_to_start_without_a_token_or_with_the_missing_cuda_backend() {
     let home = Home::new();
     let out = bin()
         .arg("serve")
+        .args(crate::support::allow_root())
         .arg("--models-dir")
         .arg(home.path("models"))
         .arg("--audit-log")
@@ -1289,6 +1311,7 @@ fn serve_refuses_to_start_without_a_token_or_with_the_missing_cuda_backend() {
     if !vram_residency_cuda::driver_present() {
         let cuda = bin()
             .arg("serve")
+            .args(crate::support::allow_root())
             .arg("--models-dir")
             .arg(home.path("models"))
             .arg("--audit-log")
@@ -1456,19 +1479,31 @@ fn audit_verify_reports_a_torn_tail_as_such_and_tampering_as_failure_with_the_li
         "{text}"
     );
 
-    // Tampered: one character of record 3 changed.
+    // Tampered: one character of the first record with a gpu changed (record 3, or 4 when the
+    // tests run as root and service_runs_as_root is record 3).
     let lines: Vec<&str> = log.lines().collect();
-    let changed = lines[2].replacen("\"gpu\":0", "\"gpu\":1", 1);
-    assert_ne!(changed, lines[2]);
+    let at = lines.iter().position(|l| l.contains("\"gpu\":0")).unwrap();
+    assert_eq!(
+        at,
+        if crate::support::running_as_root() {
+            3
+        } else {
+            2
+        }
+    );
+    let changed = lines[at].replacen("\"gpu\":0", "\"gpu\":1", 1);
     let mut tampered: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
-    tampered[2] = changed;
+    tampered[at] = changed;
     std::fs::write(home.path("audit.log"), tampered.join("\n") + "\n").unwrap();
     let out = home.audit_verify();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "{text}");
     assert!(text.starts_with("FAILED"), "{text}");
-    assert!(text.contains("line 3"), "{text}");
-    assert!(text.contains("2 record(s) before it verified"), "{text}");
+    assert!(text.contains(&format!("line {}", at + 1)), "{text}");
+    assert!(
+        text.contains(&format!("{at} record(s) before it verified")),
+        "{text}"
+    );
 
     // A removed record breaks the sequence at the line where it was.
     let mut removed: Vec<&str> = lines.clone();

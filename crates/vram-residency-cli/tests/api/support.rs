@@ -103,10 +103,30 @@ pub fn repo_path(rel: &str) -> PathBuf {
 
 /// The CLI binary under test: `$VRAM_RESIDENCY_BIN` when set, else the one cargo built.
 pub fn bin() -> Command {
-    Command::new(
-        std::env::var_os("VRAM_RESIDENCY_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_vram-residency").into()),
-    )
+    Command::new(bin_path())
+}
+
+/// The path of the CLI binary under test (see [`bin`]).
+pub fn bin_path() -> PathBuf {
+    std::env::var_os("VRAM_RESIDENCY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_vram-residency").into())
+        .into()
+}
+
+/// Whether these tests run as root (effective uid 0), as CI and the GPU host do: `serve` then refuses
+/// to start unless it is given `--allow-root`.
+pub fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// What every test that starts `serve` adds to its command line: `--allow-root` when the tests run
+/// as root, nothing otherwise (only the tests of the root check itself leave it out).
+pub fn allow_root() -> &'static [&'static str] {
+    if running_as_root() {
+        &["--allow-root"]
+    } else {
+        &[]
+    }
 }
 
 /// A file of this crate's `tests/data/`.
