@@ -1738,6 +1738,7 @@ fn openapi_documents_every_route() {
         "shard_not_found",
         "duplicate_shard_id",
         "body_too_large",
+        "body_timeout",
         "digest_mismatch",
         "insufficient_vram",
         "worker_stopped",
@@ -2171,4 +2172,43 @@ fn serve_max_connections_leaves_further_connections_waiting_until_one_closes() {
     // Each time the cap was reached is counted (here at least once, before the third).
     wait_for_metric(&server, "vram_connection_limit_reached_total", 1);
     drop(held);
+}
+
+#[test]
+fn serve_help_and_the_service_guide_name_every_transport_flag_and_its_default() {
+    let help = crate::support::bin()
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let guide = std::fs::read_to_string(repo_path("docs/service.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    for (flag, default) in [
+        ("--tls-cert", None),
+        ("--tls-key", None),
+        ("--insecure-plain-http", None),
+        ("--header-timeout", Some("10s")),
+        ("--body-timeout", Some("30s")),
+        ("--max-connections", Some("256")),
+    ] {
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{flag}: {help}"
+        );
+        let row = guide
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{flag}")))
+            .unwrap_or_else(|| panic!("docs/service.md has no row for {flag}"));
+        assert!(readme.contains(flag), "README.md does not name {flag}");
+        if let Some(default) = default {
+            assert!(
+                help.contains(&format!("[default: {default}]")),
+                "{flag}: {help}"
+            );
+            assert!(
+                row.contains(&format!("`{default}`")) || row.contains(&format!("| {default} |")),
+                "{row}"
+            );
+        }
+    }
 }
