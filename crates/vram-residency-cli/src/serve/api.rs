@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -36,7 +36,45 @@ pub struct Limits {
     pub max_body: usize,
     /// Longest a request may take, body included; then 408 (a commit still completes and registers).
     pub request_timeout: Duration,
+    /// Longest a request body may take to arrive, from when a handler starts reading it; then 408
+    /// `body_timeout` and the connection is closed.
+    pub body_timeout: Duration,
 }
+
+/// `--body-timeout`, handed to [`JsonBody`] as a request extension.
+#[derive(Debug, Clone, Copy)]
+struct BodyTimeout(Duration);
+
+/// A JSON request body that must arrive whole within `--body-timeout`.
+///
+/// tower-http's `RequestBodyTimeoutLayer` bounds the wait for each *frame*, so a body trickled in a
+/// byte at a time would never trip it; this bounds the whole body. Its rejection is the API's error
+/// (413, 415, 400 as the `Json` extractor decides; 408 `body_timeout` when time runs out).
+struct JsonBody<T>(T);
+
+impl<T, S> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        // The router always installs the extension; without it, the default applies.
+        let timeout = request
+            .extensions()
+            .get::<BodyTimeout>()
+            .map_or(DEFAULT_BODY_TIMEOUT, |limit| limit.0);
+        match tokio::time::timeout(timeout, Json::<T>::from_request(request, state)).await {
+            Ok(Ok(Json(value))) => Ok(Self(value)),
+            Ok(Err(rejection)) => Err(ApiError::from_json_rejection(&rejection)),
+            Err(_) => Err(ApiError::body_timeout(timeout)),
+        }
+    }
+}
+
+/// `--body-timeout`'s default.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
     // Each method of each route names the role it needs (docs/service.md has the table).
@@ -74,6 +112,7 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body))
+        .layer(Extension(BodyTimeout(limits.body_timeout)))
         .layer(middleware::from_fn_with_state(
             limits.max_body,
             refuse_announced_oversize,
@@ -200,7 +239,7 @@ struct CommitRequest {
 
 async fn commit(
     State(app): State<Arc<AppState>>,
-    body: Result<Json<CommitRequest>, JsonRejection>,
+    body: Result<JsonBody<CommitRequest>, ApiError>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let result = commit_inner(&app, body).await;
     app.metrics.seal_result(match &result {
@@ -212,9 +251,9 @@ async fn commit(
 
 async fn commit_inner(
     app: &Arc<AppState>,
-    body: Result<Json<CommitRequest>, JsonRejection>,
+    body: Result<JsonBody<CommitRequest>, ApiError>,
 ) -> Result<vram_residency::SealView, ApiError> {
-    let Json(request) = body.map_err(|rejection| ApiError::from_json_rejection(&rejection))?;
+    let JsonBody(request) = body?;
     app.check_accepting()?;
     check_relative(&request.model)?;
     let opts = SealOptions {
@@ -315,9 +354,9 @@ struct AttestRequest {
 async fn attest(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
-    body: Result<Json<AttestRequest>, JsonRejection>,
+    body: Result<JsonBody<AttestRequest>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
-    let Json(request) = body.map_err(|rejection| ApiError::from_json_rejection(&rejection))?;
+    let JsonBody(request) = body?;
     let nonce = parse_nonce_hex(&request.nonce)?;
     app.check_accepting()?;
     let entry = app.entry(&id)?;
@@ -385,6 +424,7 @@ async fn worker(State(app): State<Arc<AppState>>) -> Json<Value> {
         "shards": shards.len(),
         "max_model_bytes": manager.config().max_model_bytes,
         "sweep_interval_s": app.sweep_interval.as_secs_f64(),
+        "transport": app.transport.name(),
         "key_id": manager.public_key().key_id(),
         "audit_head": manager.audit_head().map(|head| json!({
             "seq": head.seq,

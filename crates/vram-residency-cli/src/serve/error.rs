@@ -70,6 +70,19 @@ impl ApiError {
         )
     }
 
+    /// The request body did not arrive whole within `--body-timeout` (answered with
+    /// `Connection: close`: the rest of the body is never read).
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} (--body-timeout)",
+                humantime::format_duration(timeout)
+            ),
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
@@ -159,6 +172,12 @@ impl IntoResponse for ApiError {
             "error": { "code": self.code, "message": self.message }
         });
         let mut response = (self.status, axum::Json(body)).into_response();
+        if self.code == "body_timeout" {
+            // The unread rest of the body would be taken for the next request: close.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -1,6 +1,6 @@
 //! Prometheus metrics (`prometheus-client`, OpenMetrics text format), served on `/metrics` to an observer
 //! or operator token (or to anyone, with `--metrics-without-token` on loopback): capacity per device, operation counts by result, latency histograms,
-//! the worker state and sweeps.
+//! the worker state and sweeps, open connections and the connection cap.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -29,6 +29,17 @@ pub struct GpuLabel {
 
 type BytesGauge = Gauge<u64, AtomicU64>;
 
+/// The accept loop's metrics (cheap clones of the registered ones).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now, TLS handshakes in progress included.
+    pub open: Gauge,
+    /// Times the accept loop paused because `--max-connections` connections were open.
+    pub limit_reached: Counter,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     seal_ops: Family<ResultLabel, Counter>,
@@ -42,6 +53,7 @@ pub struct Metrics {
     available_bytes: Family<GpuLabel, BytesGauge>,
     shards: Gauge,
     stopped: Gauge,
+    connections: ConnectionMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -69,6 +81,7 @@ impl Metrics {
         let available_bytes = Family::<GpuLabel, BytesGauge>::default();
         let shards = Gauge::default();
         let stopped = Gauge::default();
+        let connections = ConnectionMetrics::default();
         registry.register(
             "vram_seal_operations",
             "Seal (commit) operations by result",
@@ -120,6 +133,22 @@ impl Metrics {
             "1 when the worker stopped after a security incident, else 0",
             stopped.clone(),
         );
+        registry.register(
+            "vram_connections_open",
+            "Client connections open, TLS handshakes in progress included",
+            connections.open.clone(),
+        );
+        registry.register(
+            "vram_connection_limit_reached",
+            "Times --max-connections connections were open and accepting paused (further connections \
+             waited in the listen backlog)",
+            connections.limit_reached.clone(),
+        );
+        registry.register(
+            "vram_tls_handshake_failures",
+            "TLS handshakes that failed or timed out (a plain-HTTP client on the TLS port, say)",
+            connections.tls_handshake_failures.clone(),
+        );
         Self {
             registry,
             seal_ops,
@@ -133,7 +162,13 @@ impl Metrics {
             available_bytes,
             shards,
             stopped,
+            connections,
         }
+    }
+
+    /// The accept loop's metrics.
+    pub fn connections(&self) -> ConnectionMetrics {
+        self.connections.clone()
     }
 
     /// Counts a commit by its result (every commit that reached the handler).

@@ -1,14 +1,14 @@
 //! `vram-residency serve`: the worker service (axum on tokio; the core crate stays synchronous).
 //!
 //! Start-up: the root check (refused as root unless `--allow-root`; before anything is read, opened
-//! or bound) → worker token (file or environment, never argv) → API tokens and their roles (files; the
-//! worker token is never one) → models directory → backend → audit log (locked, verified with the
-//! worker's public key, chain continued; created with its first record if missing) → manager →
-//! listener. The bound address
-//! is printed on stdout as `listening on http://ADDR`, then requests are served until SIGTERM or
-//! SIGINT. Shutdown: stop accepting, let running requests finish, stop the sweep, wait for running
-//! operations, free every shard (each one audited), record `service_stopped`, sync the audit log.
-//! `docs/service.md` is the operator's guide.
+//! or bound) → listen policy and TLS certificate and key (`transport`) → worker token (file or
+//! environment, never argv) → API tokens and their roles (files; the worker token is never one) →
+//! models directory → backend → audit log (locked, verified with the worker's public key, chain
+//! continued; created with its first record if missing) → manager → listener. The bound address is
+//! printed on stdout as `listening on http://ADDR` (`https://` with TLS), then requests are served
+//! until SIGTERM or SIGINT. Shutdown: stop accepting, let running requests finish, stop the sweep,
+//! wait for running operations, free every shard (each one audited), record `service_stopped`, sync
+//! the audit log. `docs/service.md` is the operator's guide.
 
 mod api;
 mod auth;
@@ -16,6 +16,7 @@ mod error;
 mod metrics;
 mod state;
 mod sweep;
+mod transport;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -35,9 +36,6 @@ use vram_residency::{
 
 use crate::backends;
 use crate::cli::{BackendArgs, load_token, parse_bytes};
-
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -59,10 +57,22 @@ pub struct ServeArgs {
     /// Serve /metrics without a token. Only with a loopback --listen address.
     #[arg(long)]
     pub metrics_without_token: bool,
-    /// Address to listen on: IP:PORT, or localhost:PORT (127.0.0.1). Loopback by default; anything
-    /// else should sit behind a TLS proxy.
+    /// Address to listen on: IP:PORT, or localhost:PORT (127.0.0.1). Loopback by default. A
+    /// non-loopback address needs --tls-cert and --tls-key, or --insecure-plain-http.
     #[arg(long, env = "VRAM_RESIDENCY_LISTEN", default_value = "127.0.0.1:8470", value_parser = parse_listen)]
     pub listen: SocketAddr,
+    /// Serve HTTPS (TLS 1.2/1.3, rustls) with this PEM certificate chain, the server's certificate
+    /// first. Needs --tls-key. No client certificates are asked for: clients still need API tokens.
+    #[arg(long, env = "VRAM_RESIDENCY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, RSA or SEC1 EC). Readable by its owner only
+    /// (chmod 600).
+    #[arg(long, env = "VRAM_RESIDENCY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback --listen address anyway: tokens and answers cross the
+    /// network unencrypted. Only behind a TLS-terminating proxy on a network you trust.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure_plain_http: bool,
     /// The signed, hash-chained audit log (created with its first record if missing; verified and
     /// continued if present; a file with no valid record is refused).
     #[arg(long, env = "VRAM_RESIDENCY_AUDIT_LOG")]
@@ -78,6 +88,20 @@ pub struct ServeArgs {
     /// Longest a request may take (408 after that; a commit still completes and registers).
     #[arg(long, env = "VRAM_RESIDENCY_REQUEST_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// Longest a client may take for the TLS handshake, and to send a request's headers (an idle
+    /// connection is closed after it too).
+    #[arg(long, env = "VRAM_RESIDENCY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_timeout: Duration,
+    /// Longest a client may take to send a request body, once the server starts reading it: then
+    /// 408 body_timeout and the connection is closed (a body sent a byte at a time holds nothing
+    /// for long).
+    #[arg(long, env = "VRAM_RESIDENCY_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub body_timeout: Duration,
+    /// Connections open at once (TLS handshakes included). At the cap no connection is accepted
+    /// until one closes; new ones wait in the kernel's listen backlog.
+    #[arg(long, env = "VRAM_RESIDENCY_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_connections: u32,
     /// Seals, verifications and attestations running at once; more wait their turn.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_PARALLEL_OPS", default_value_t = 4)]
     pub max_parallel_ops: u32,
@@ -139,6 +163,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration (examples: 60s, 5m): {e}"))
 }
 
+/// A duration above zero (a zero timeout would refuse every request).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let duration = parse_duration(s)?;
+    if duration.is_zero() {
+        return Err(format!(
+            "{s:?}: give a duration above zero (examples: 10s, 1m)"
+        ));
+    }
+    Ok(duration)
+}
+
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     // First of all: nothing is read, opened or bound by a root process that was not told it may run.
     let as_root = root_check(args.allow_root, rustix::process::geteuid().is_root())?;
@@ -154,6 +189,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
+    // Before anything is read, opened or bound: where and how clients connect.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(transport::load_tls(cert, key).map_err(crate::cli::usage_of)?)
+        }
+        // clap requires both or neither.
+        _ => None,
+    };
+    let transport = transport::choose(args.listen, tls.is_some(), args.insecure_plain_http)
+        .map_err(crate::cli::usage_of)?;
     let token = load_token(args.token_file.as_deref())?;
     let mut access = auth::Access::load(
         token.bearer_check(),
@@ -206,10 +251,12 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
              record says backend sim"
         );
     }
-    if !local.ip().is_loopback() {
+    if transport == transport::Transport::InsecurePlainHttp {
         eprintln!(
-            "warning: listening on {local}, which is not a loopback address; the API is plain HTTP, \
-             put it behind TLS"
+            "WARNING: --insecure-plain-http: serving PLAIN HTTP on {local}, which is not a loopback \
+             address. API tokens, requests and answers cross the network unencrypted: anyone on the \
+             path can read a token and use it. Use --tls-cert/--tls-key, or keep this behind a \
+             TLS-terminating proxy on a network you trust"
         );
     }
     let devices = u32::try_from(manager.devices().len()).unwrap_or(u32::MAX);
@@ -239,12 +286,14 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         Arc::clone(&audit_log) as Arc<dyn AuditSink>,
         args.max_parallel_ops,
         args.sweep_interval,
+        transport,
     ));
     let router = api::router(
         Arc::clone(&app),
         api::Limits {
             max_body: usize::try_from(args.max_body).unwrap_or(usize::MAX),
             request_timeout: args.request_timeout,
+            body_timeout: args.body_timeout,
         },
     );
     let (stop_sweeps, sweeps_stopped) = watch::channel(false);
@@ -254,11 +303,22 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         sweeps_stopped,
     ));
 
-    println!("listening on http://{local}");
+    println!("listening on {}://{local}", transport.scheme());
     std::io::stdout().flush().context("writing to stdout")?;
 
     let grace = args.request_timeout;
-    let signal = accept_until_signal(listener, router, grace).await;
+    let signal = transport::accept_until_signal(
+        listener,
+        router,
+        tls,
+        transport::ConnectionLimits {
+            max_connections: args.max_connections,
+            header_timeout: args.header_timeout,
+        },
+        app.metrics.connections(),
+        grace,
+    )
+    .await;
     eprintln!("{signal} received: shutting down");
     let _ = stop_sweeps.send(true);
     if sweeper.await.is_err() {
@@ -289,54 +349,6 @@ fn record(sink: &dyn AuditSink, backend: BackendKind, event: AuditEvent) -> anyh
     tracing::info!(event = entry.event.name(), "audit");
     sink.record(&entry)?;
     Ok(())
-}
-
-/// Serves connections (HTTP/1.1, header read timeout) until SIGTERM or SIGINT, then stops accepting
-/// and lets open connections finish for up to `grace`. Returns the signal's name.
-async fn accept_until_signal(
-    listener: TcpListener,
-    router: axum::Router,
-    grace: Duration,
-) -> &'static str {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut signal = std::pin::pin!(shutdown_signal());
-    let name = loop {
-        tokio::select! {
-            name = &mut signal => break name,
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        // Out of file descriptors, say: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let service = hyper_util::service::TowerToHyperService::new(router.clone());
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                let connection =
-                    builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let watched = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = watched.await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                });
-            }
-        }
-    };
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the grace period");
-    }
-    name
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -17,6 +17,7 @@ use vram_residency::{
 use super::auth::Access;
 use super::error::{ApiError, classify};
 use super::metrics::Metrics;
+use super::transport::Transport;
 
 /// One resident shard. Its public view never changes; the handle itself is behind a lock so that
 /// verifications (readers) and eviction (the writer, which takes it out) never overlap.
@@ -57,6 +58,8 @@ pub struct AppState {
     pub audit: Arc<dyn AuditSink>,
     pub metrics: Metrics,
     pub sweep_interval: Duration,
+    /// How clients reach the service (reported by `GET /v1/worker`).
+    pub transport: Transport,
     shards: Mutex<BTreeMap<ShardId, Arc<ShardEntry>>>,
     ops: Arc<Semaphore>,
     max_ops: u32,
@@ -71,6 +74,7 @@ impl AppState {
         audit: Arc<dyn AuditSink>,
         max_ops: u32,
         sweep_interval: Duration,
+        transport: Transport,
     ) -> Self {
         let max_ops = max_ops.max(1);
         Self {
@@ -80,6 +84,7 @@ impl AppState {
             audit,
             metrics: Metrics::new(),
             sweep_interval,
+            transport,
             shards: Mutex::new(BTreeMap::new()),
             ops: Arc::new(Semaphore::new(usize::try_from(max_ops).unwrap_or(1))),
             max_ops,

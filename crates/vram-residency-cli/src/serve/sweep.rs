@@ -179,12 +179,14 @@ mod tests {
             sink.clone(),
             2,
             Duration::from_secs(60),
+            crate::serve::transport::Transport::Http,
         ));
         let router = router(
             Arc::clone(&app),
             Limits {
                 max_body: 64 << 10,
                 request_timeout: Duration::from_secs(60),
+                body_timeout: Duration::from_secs(60),
             },
         );
         Fixture {

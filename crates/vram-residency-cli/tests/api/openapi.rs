@@ -492,6 +492,55 @@ fn the_validator_refuses_wrong_types_missing_and_undeclared_properties_and_unkno
     );
 }
 
+/// POSTs to `path` on a raw connection, sends one byte of a 100-byte JSON body and then nothing, and
+/// returns the answer the server gives before it closes the connection.
+fn trickled_post(address: &str, path: &str, authorization: &str) -> Reply {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: {authorization}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{path}: the server did not answer and close: {e}"),
+    }
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: no status line in {raw:?}"));
+    let media_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type").then(|| {
+                value
+                    .split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned()
+            })
+        })
+        .unwrap_or_default();
+    Reply {
+        status,
+        json: serde_json::from_str(body).unwrap_or(Value::Null),
+        text: body.to_owned(),
+        headers: head.to_owned(),
+        media_type,
+    }
+}
+
 #[test]
 fn every_documented_route_and_status_answers_as_docs_openapi_yaml_says() {
     let mut contract = Contract::load();
@@ -512,7 +561,14 @@ fn every_documented_route_and_status_answers_as_docs_openapi_yaml_says() {
     home.model("seven.bin", &crate::support::random_bytes(7 << 20, 7));
     // 4 MiB of device memory and a 6 MiB model limit: five.bin is admissible but does not fit
     // (507), seven.bin is over the limit (422).
-    let server = home.start(&["--sim-vram", "4MiB", "--max-model-bytes", "6MiB"]);
+    let server = home.start(&[
+        "--sim-vram",
+        "4MiB",
+        "--max-model-bytes",
+        "6MiB",
+        "--body-timeout",
+        "1s",
+    ]);
     let operator = bearer();
     let observer = format!("Bearer {OBSERVER_TOKEN}");
     let nonce = json!({"nonce": "ab".repeat(16)});
@@ -714,6 +770,19 @@ fn every_documented_route_and_status_answers_as_docs_openapi_yaml_says() {
         server.post("/v1/shards", &json!({"model": "five.bin", "gpu": 0})),
     );
     assert_eq!(full.status, 507, "{}", full.text);
+
+    // 408: a body that stops arriving (one byte of a 100-byte body) is cut off after --body-timeout.
+    for (template, path) in [
+        ("/v1/shards", "/v1/shards"),
+        ("/v1/shards/{id}/attest", "/v1/shards/raw-0/attest"),
+    ] {
+        let reply = check(
+            "POST",
+            template,
+            trickled_post(&server.address(), path, &operator),
+        );
+        assert_eq!(reply.status, 408, "{path}: {}", reply.text);
+    }
 
     // Evictions last; the worker then lists nothing.
     for id in ["raw-0", "gguf-0", "st-0"] {

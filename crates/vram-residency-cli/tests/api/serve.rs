@@ -245,6 +245,26 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
+/// An HTTPS client that trusts exactly the certificate(s) in `ca_pem` (rustls, ring provider).
+fn tls_agent(ca_pem: &[u8]) -> ureq::Agent {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let roots = vec![Certificate::from_pem(ca_pem).unwrap().to_owned()];
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(BOUND))
+        .tls_config(
+            TlsConfig::builder()
+                .provider(TlsProvider::Rustls)
+                .root_certs(RootCerts::Specific(Arc::new(roots)))
+                .unversioned_rustls_crypto_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .build(),
+        )
+        .build()
+        .into()
+}
+
 /// A running server; killed (SIGKILL) when dropped unless it already exited.
 pub struct Server {
     child: Child,
@@ -278,6 +298,27 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `HOST:PORT` to connect to: the listening address, with an unspecified one (`0.0.0.0`)
+    /// replaced by loopback, where these tests send their traffic.
+    pub fn address(&self) -> String {
+        let address = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, rest)| rest);
+        match address.strip_prefix("0.0.0.0:") {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => address.to_owned(),
+        }
+    }
+
+    /// From now on, calls go to `address()` over HTTPS and trust exactly the certificate(s) in
+    /// `ca_pem` (rustls with the ring provider, as the server).
+    pub fn trusting(mut self, ca_pem: &[u8]) -> Self {
+        self.agent = tls_agent(ca_pem);
+        self.base = format!("https://{}", self.address());
+        self
     }
 
     /// Sends a request with the given `Authorization` value (or none).
@@ -734,7 +775,15 @@ fn serve_metrics_without_token_is_opt_in_and_refused_on_a_non_loopback_listen_ad
     drop(open);
 
     let refused = home
-        .try_start(&["--metrics-without-token", "--listen", "0.0.0.0:0"], &[])
+        .try_start(
+            &[
+                "--metrics-without-token",
+                "--listen",
+                "0.0.0.0:0",
+                "--insecure-plain-http",
+            ],
+            &[],
+        )
         .err()
         .expect("--metrics-without-token on a non-loopback address: refused");
     assert!(!refused.status.success());
@@ -1740,6 +1789,7 @@ fn openapi_documents_every_route() {
         "shard_not_found",
         "duplicate_shard_id",
         "body_too_large",
+        "body_timeout",
         "digest_mismatch",
         "insufficient_vram",
         "worker_stopped",
@@ -1894,4 +1944,407 @@ fn serve_a_fifo_swapped_in_during_commits_never_blocks_a_slot() {
     )
     .unwrap();
     assert_eq!(server.commit("after.bin", "after-swap").status, 201);
+}
+
+// ---- Transport (issue 11, item 4): TLS, the listen policy, timeouts, the connection cap ----
+
+/// Makes a self-signed certificate for `127.0.0.1`/`localhost` with the stock `openssl` CLI:
+/// `NAME.crt` and `NAME.key` (mode 0600) in the home; `None` (and a skip line) without openssl.
+fn openssl_certificate(home: &Home, name: &str, test: &str) -> Option<(PathBuf, PathBuf)> {
+    if !crate::support::have_tool("openssl") {
+        crate::support::skip(test, "openssl not installed");
+        return None;
+    }
+    let config = home.path(&format!("{name}.cnf"));
+    std::fs::write(
+        &config,
+        "[req]\ndistinguished_name = dn\nx509_extensions = ext\nprompt = no\n[dn]\nCN = localhost\n\
+         [ext]\nbasicConstraints = critical,CA:FALSE\nsubjectAltName = IP:127.0.0.1,DNS:localhost\n\
+         keyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    let cert = home.path(&format!("{name}.crt"));
+    let key = home.path(&format!("{name}.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-config"])
+        .arg(&config)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl req: {made:?}");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Some((cert, key))
+}
+
+/// Sends `request` on a new connection to `address` and returns the stream (read timeout BOUND).
+fn raw_connection(address: &str, request: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(BOUND)).unwrap();
+    stream.write_all(request).unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection (or BOUND passes: then the test fails).
+fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut bytes = Vec::new();
+    match stream.read_to_end(&mut bytes) {
+        Ok(_) => {}
+        // A reset after the answer is a close too.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the server did not close the connection: {e}"),
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The value of the sample `name` (no labels) in a `/metrics` text; 0 when absent.
+fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0, |value| value.trim().parse().unwrap())
+}
+
+/// Waits (bounded) until the sample `name` of `/metrics` reaches `at_least`.
+fn wait_for_metric(server: &Server, name: &str, at_least: u64) {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let metrics = server.get("/metrics");
+        assert_eq!(metrics.status, 200, "{}", metrics.text);
+        if metric_value(&metrics.text, name) >= at_least {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: {}", metrics.text);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A GET of `/healthz` on a connection that stays open (HTTP/1.1 keep-alive).
+fn healthz_request() -> &'static [u8] {
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+}
+
+/// Reads one answer to [`healthz_request`] (its headers and its short JSON body).
+fn read_healthz_answer(stream: &mut TcpStream) -> String {
+    let mut text = String::new();
+    let mut buf = [0_u8; 1024];
+    while !text.contains("\r\n\r\n") || !text.trim_end().ends_with('}') {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the answer was whole: {text:?}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text
+}
+
+#[test]
+fn serve_tls_serves_https_with_the_given_certificate_and_refuses_plain_http_and_other_trust() {
+    let test = "serve_tls_serves_https_with_the_given_certificate";
+    let home = Home::new();
+    let Some((cert, key)) = openssl_certificate(&home, "server", test) else {
+        return;
+    };
+    let Some((other_cert, _)) = openssl_certificate(&home, "other", test) else {
+        return;
+    };
+    let server = home.start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        server.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base
+    );
+    let server = server.trusting(&std::fs::read(&cert).unwrap());
+
+    let health = server.call("GET", "/healthz", None, None);
+    assert_eq!(health.status, 200, "{}", health.text);
+    assert_eq!(health.json["status"], "running");
+    let identity = server.call("GET", "/v1/identity", None, None);
+    assert_eq!(identity.status, 200);
+    assert_eq!(
+        identity.json["public_key_pem"].as_str().unwrap(),
+        std::fs::read_to_string(home.path("worker.pub")).unwrap()
+    );
+    let worker = server.get("/v1/worker");
+    assert_eq!(worker.status, 200, "{}", worker.text);
+    assert_eq!(worker.json["transport"], "https");
+    // Over TLS the API is the same API: a commit works.
+    assert_eq!(server.commit("a.bin", "over-tls").status, 201);
+
+    // A client that trusts another certificate refuses this server.
+    let url = format!("{}/healthz", server.base);
+    let distrust = tls_agent(&std::fs::read(&other_cert).unwrap())
+        .get(&url)
+        .call();
+    assert!(distrust.is_err(), "{distrust:?}");
+    // Plain HTTP to the TLS port gets no HTTP answer, and the server is none the worse for it.
+    let mut plain = raw_connection(&server.address(), healthz_request());
+    let answer = read_until_closed(&mut plain);
+    assert!(!answer.starts_with("HTTP/"), "{answer:?}");
+    assert_eq!(server.call("GET", "/healthz", None, None).status, 200);
+    // Both failed handshakes are counted (the count lands as the handshake task ends).
+    wait_for_metric(&server, "vram_tls_handshake_failures_total", 2);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{stderr}");
+    let private_key = std::fs::read_to_string(&key).unwrap();
+    let key_body = private_key.lines().nth(1).unwrap();
+    assert!(!stderr.contains(key_body), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_a_tls_key_readable_by_others_a_lone_cert_and_a_key_of_another_certificate() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let test = "serve_refuses_a_tls_key_readable_by_others";
+    let home = Home::new();
+    let Some((cert, key)) = openssl_certificate(&home, "server", test) else {
+        return;
+    };
+    let Some((_, other_key)) = openssl_certificate(&home, "other", test) else {
+        return;
+    };
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    let key_body = key_text.lines().nth(1).unwrap().to_owned();
+    let (cert, key, other_key) = (
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+        other_key.to_str().unwrap(),
+    );
+
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open_key = home
+        .try_start(&["--tls-cert", cert, "--tls-key", key], &[])
+        .err()
+        .expect("a 0644 key file must be refused");
+    assert!(!open_key.status.success());
+    assert!(
+        open_key.stderr.contains("chmod 600") && open_key.stderr.contains(key),
+        "{open_key:?}"
+    );
+    assert!(!open_key.stderr.contains(&key_body), "{open_key:?}");
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let lone = home
+        .try_start(&["--tls-cert", cert], &[])
+        .err()
+        .expect("--tls-cert without --tls-key must be refused");
+    assert!(lone.stderr.contains("--tls-key"), "{lone:?}");
+
+    let mismatched = home
+        .try_start(&["--tls-cert", cert, "--tls-key", other_key], &[])
+        .err()
+        .expect("a key of another certificate must be refused");
+    assert!(
+        mismatched.stderr.contains("not a usable pair"),
+        "{mismatched:?}"
+    );
+
+    let both = home
+        .try_start(
+            &[
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+                "--insecure-plain-http",
+            ],
+            &[],
+        )
+        .err()
+        .expect("TLS and --insecure-plain-http together must be refused");
+    assert!(both.stderr.contains("--insecure-plain-http"), "{both:?}");
+    // Refused before the audit log was opened.
+    assert!(home.audit_log().is_empty());
+}
+
+#[test]
+fn serve_refuses_a_non_loopback_listen_without_tls_or_insecure_plain_http_which_starts_and_warns() {
+    let home = Home::new();
+    let refused = home
+        .try_start(&["--listen", "0.0.0.0:0"], &[])
+        .err()
+        .expect("plain HTTP on 0.0.0.0 must be refused");
+    assert!(!refused.status.success());
+    for flag in ["--tls-cert", "--tls-key", "--insecure-plain-http"] {
+        assert!(refused.stderr.contains(flag), "{flag}: {refused:?}");
+    }
+    // Refused before anything was opened.
+    assert!(home.audit_log().is_empty());
+
+    let insecure = home.start(&["--listen", "0.0.0.0:0", "--insecure-plain-http"]);
+    assert!(
+        insecure.base.starts_with("http://0.0.0.0:"),
+        "{}",
+        insecure.base
+    );
+    let stderr = insecure.stderr();
+    assert!(
+        stderr.contains("WARNING: --insecure-plain-http") && stderr.contains("PLAIN HTTP"),
+        "{stderr}"
+    );
+    let worker = {
+        let mut loopback = insecure;
+        loopback.base = format!("http://{}", loopback.address());
+        let health = loopback.call("GET", "/healthz", None, None);
+        assert_eq!(health.status, 200);
+        loopback.get("/v1/worker")
+    };
+    assert_eq!(
+        worker.json["transport"], "insecure-plain-http",
+        "{}",
+        worker.text
+    );
+
+    // Loopback stays plain HTTP by default, without the warning.
+    let plain = home.start(&[]);
+    assert!(plain.base.starts_with("http://127.0.0.1:"));
+    assert_eq!(plain.get("/v1/worker").json["transport"], "http");
+    assert!(!plain.stderr().contains("insecure"), "{}", plain.stderr());
+}
+
+#[test]
+fn serve_a_body_or_headers_sent_too_slowly_get_408_or_a_close_within_the_timeouts() {
+    let home = Home::new();
+    let server = home.start(&["--body-timeout", "1s", "--header-timeout", "1s"]);
+    let address = server.address();
+
+    // Headers announce 100 bytes of body; one arrives, then nothing.
+    let started = Instant::now();
+    let mut slow_body = raw_connection(
+        &address,
+        format!(
+            "POST /v1/shards HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \
+             {OPERATOR_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .as_bytes(),
+    );
+    let answer = read_until_closed(&mut slow_body);
+    let elapsed = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("body_timeout"), "{answer:?}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer:?}"
+    );
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+
+    // Headers that never end: the connection is closed without an answer being served.
+    let started = Instant::now();
+    let mut slow_headers =
+        raw_connection(&address, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    let answer = read_until_closed(&mut slow_headers);
+    assert!(!answer.contains("200 OK"), "{answer:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The server still answers, and the trickled commit changed nothing.
+    assert_eq!(server.call("GET", "/healthz", None, None).status, 200);
+    assert_nothing_changed(&server, &home);
+    let metrics = server.get("/metrics");
+    assert!(
+        metrics
+            .text
+            .contains("vram_seal_operations_total{result=\"body_timeout\"} 1"),
+        "{}",
+        metrics.text
+    );
+}
+
+#[test]
+fn serve_max_connections_leaves_further_connections_waiting_until_one_closes() {
+    let home = Home::new();
+    // A long header timeout, so that the held idle connections stay open for the whole test.
+    let server = home.start(&["--max-connections", "2", "--header-timeout", "60s"]);
+    let address = server.address();
+    // Two connections, each answered once (so the server has surely accepted them), then held
+    // open and idle.
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = raw_connection(&address, healthz_request());
+            let answer = read_healthz_answer(&mut stream);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+            stream
+        })
+        .collect();
+
+    // A third connects (the kernel's backlog takes it) but is not served.
+    let mut third = raw_connection(&address, healthz_request());
+    third
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0_u8; 64];
+    match third.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the third connection was served at the cap: {other:?}"),
+    }
+
+    // One held connection closes: the third is accepted and answered.
+    drop(held.pop());
+    third.set_read_timeout(Some(BOUND)).unwrap();
+    let answer = read_healthz_answer(&mut third);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    drop(third);
+
+    // Each time the cap was reached is counted (here at least once, before the third).
+    wait_for_metric(&server, "vram_connection_limit_reached_total", 1);
+    drop(held);
+}
+
+#[test]
+fn serve_help_and_the_service_guide_name_every_transport_flag_and_its_default() {
+    let help = crate::support::bin()
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let guide = std::fs::read_to_string(repo_path("docs/service.md")).unwrap();
+    let readme = std::fs::read_to_string(repo_path("README.md")).unwrap();
+    for (flag, default) in [
+        ("--tls-cert", None),
+        ("--tls-key", None),
+        ("--insecure-plain-http", None),
+        ("--header-timeout", Some("10s")),
+        ("--body-timeout", Some("30s")),
+        ("--max-connections", Some("256")),
+    ] {
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{flag}: {help}"
+        );
+        let row = guide
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{flag}")))
+            .unwrap_or_else(|| panic!("docs/service.md has no row for {flag}"));
+        assert!(readme.contains(flag), "README.md does not name {flag}");
+        if let Some(default) = default {
+            assert!(
+                help.contains(&format!("[default: {default}]")),
+                "{flag}: {help}"
+            );
+            assert!(
+                row.contains(&format!("`{default}`")) || row.contains(&format!("| {default} |")),
+                "{row}"
+            );
+        }
+    }
 }
