@@ -1,17 +1,20 @@
-//! The fs-verity digest of a device buffer, every tree level computed on the GPU.
+//! The fs-verity digest of a device buffer: every data byte hashed on the GPU.
 //!
 //! ```text
 //! shard (VRAM) --kernel--> data-block hashes (scratch, per window)
-//!              --kernel--> level-1 hashes (one per 512 KiB; copied back for localisation)
-//!              --kernel--> ... --> root hash (32 bytes back to the host)
-//! host: SHA-256 of the 256-byte fs-verity descriptor -> digest
+//!              --kernel--> level-1 hashes (one per 512 KiB; copied back: len / 16384 bytes)
+//! host: the levels above level 1 (rayon; len / 2^19 bytes of hashes, at most a few MiB of work)
+//!       and the SHA-256 of the 256-byte fs-verity descriptor -> digest
 //! ```
 //!
 //! The shard is processed in windows (a multiple of 512 KiB each) alternating between two streams,
 //! so one window's level-1 pass and the next window's data pass overlap and the GPU never drains
-//! between them. Scratch VRAM: two window-sized hash buffers (`2 × window / 128`, at most
-//! `len / 256 + 8 KiB` for shards over 2 MiB), the level-1 array (`len / 16384`) and the upper
-//! levels (`len / 2 MiB`): together well under `len / 128`, plus a small constant. It lives in one
+//! between them. The levels above level 1 are hashed on the host from the level-1 array, which is
+//! copied back anyway (for localising damage): on the GPU each of those levels costs about 100 µs
+//! whatever its size (one thread hashes one 4 KiB block serially; measured on the H200), on the
+//! host a few tens of µs for a 1 GiB shard. Scratch VRAM: two window-sized hash buffers
+//! (`2 × window / 128`, at most `len / 256 + 8 KiB` for shards over 2 MiB) and the level-1 array
+//! (`len / 16384`): together well under `len / 128`, plus a small constant. It lives in one
 //! allocation with two streams (a [`Workspace`]), kept per device for reuse, so a verification
 //! allocates and frees nothing.
 
@@ -69,8 +72,6 @@ impl WindowPlan {
 struct Layout {
     scratch: [u64; 2],
     level1: u64,
-    ping: u64,
-    pong: u64,
     total: u64,
 }
 
@@ -79,16 +80,11 @@ impl Layout {
         let aligned = |n: u64| n.max(1).next_multiple_of(256);
         let scratch = aligned(plan.scratch_bytes());
         let level1_bytes = aligned(level1_count.saturating_mul(HASH));
-        let upper = aligned(level1_count.div_ceil(128).saturating_mul(HASH));
         let level1 = scratch.saturating_mul(2);
-        let ping = level1.saturating_add(level1_bytes);
-        let pong = ping.saturating_add(upper);
         Self {
             scratch: [0, scratch],
             level1,
-            ping,
-            pong,
-            total: pong.saturating_add(upper),
+            total: level1.saturating_add(level1_bytes),
         }
     }
 }
@@ -172,20 +168,21 @@ pub fn measure(device: &Device, buffer: &VramBuffer) -> Result<TreeDigest> {
     if synced.is_ok() {
         workspace.give_back(device);
     }
-    let (root, level1) = measured?;
+    let level1 = measured?;
     synced?;
-    TreeDigest::from_device_tree(root, level1, len)
-        .map_err(|_| CudaError::Internal("level-1 count"))
+    // The levels above level 1, on the host (see the module docs).
+    TreeDigest::from_level1(level1, len).map_err(|_| CudaError::Internal("level-1 count"))
 }
 
-/// The digest passes on `workspace`; returns the root hash and the level-1 hashes.
+/// The GPU passes on `workspace`; returns the level-1 hashes (for one data block, that block's
+/// hash, which is also the root).
 fn measure_in(
     function: &CudaFunction,
     buffer: &VramBuffer,
     plan: &WindowPlan,
     layout: &Layout,
     workspace: &Workspace,
-) -> Result<([u8; HASH_SIZE], Vec<[u8; HASH_SIZE]>)> {
+) -> Result<Vec<[u8; HASH_SIZE]>> {
     let len = buffer.len();
     let arena = &workspace.arena;
     if len.div_ceil(BLOCK) <= 1 {
@@ -198,18 +195,13 @@ fn measure_in(
         sync(&workspace.main)?;
         let mut root = [0u8; HASH_SIZE];
         arena.read(0, &mut root)?;
-        return Ok((root, vec![root]));
+        return Ok(vec![root]);
     }
     let level1_bytes = len.div_ceil(SPAN).saturating_mul(HASH);
     let streams: [&Arc<CudaStream>; 2] = [&workspace.main, &workspace.second];
     queue_windows(function, buffer, plan, layout, &streams, arena)?;
-    // The upper levels (queued on the main stream) wait for the second stream's windows on the
-    // device, not through a host round trip.
-    workspace
-        .main
-        .join(&workspace.second)
-        .map_err(CudaError::driver("cuStreamWaitEvent"))?;
-    let root = upper_levels(function, &workspace.main, arena, layout, len.div_ceil(SPAN))?;
+    sync(&workspace.second)?;
+    sync(&workspace.main)?;
     let mut hashes = vec![
         0u8;
         usize::try_from(level1_bytes).map_err(|_| CudaError::OutOfBounds {
@@ -217,15 +209,14 @@ fn measure_in(
         })?
     ];
     arena.read(layout.level1, &mut hashes)?;
-    let level1 = hashes
+    Ok(hashes
         .chunks_exact(HASH_SIZE)
         .map(|h| {
             let mut hash = [0u8; HASH_SIZE];
             hash.copy_from_slice(h);
             hash
         })
-        .collect();
-    Ok((root, level1))
+        .collect())
 }
 
 /// Queues, per window, the data-block pass into the window's scratch and the level-1 pass from
@@ -268,39 +259,6 @@ fn queue_windows(
     Ok(())
 }
 
-/// Hashes level 1 up to the root on the GPU; returns the root (32 bytes copied back).
-fn upper_levels(
-    function: &CudaFunction,
-    stream: &Arc<CudaStream>,
-    arena: &VramBuffer,
-    layout: &Layout,
-    level1_count: u64,
-) -> Result<[u8; HASH_SIZE]> {
-    let mut root = [0u8; HASH_SIZE];
-    let mut count = level1_count;
-    let mut source = layout.level1;
-    let mut target = layout.ping;
-    while count > 1 {
-        let in_bytes = count.saturating_mul(HASH);
-        let out_count = count.div_ceil(128);
-        let src = arena.checked_range(source, in_bytes)?;
-        let dst = arena.checked_range(target, out_count.saturating_mul(HASH))?;
-        // SAFETY: both ranges checked above and disjoint (different areas of the Layout); one
-        // stream orders the levels; it is synchronised below before the root is read.
-        unsafe { launch_hash_blocks(function, stream, src, in_bytes, dst) }?;
-        count = out_count;
-        source = target;
-        target = if target == layout.ping {
-            layout.pong
-        } else {
-            layout.ping
-        };
-    }
-    sync(stream)?;
-    arena.read(source, &mut root)?;
-    Ok(root)
-}
-
 fn sync(stream: &CudaStream) -> Result<()> {
     stream
         .synchronize()
@@ -340,8 +298,7 @@ mod tests {
                 // The areas are in order and do not overlap.
                 assert!(layout.scratch[1] >= plan.scratch_bytes());
                 assert!(layout.level1 >= layout.scratch[1] + plan.scratch_bytes());
-                assert!(layout.ping >= layout.level1 + len.div_ceil(SPAN) * HASH);
-                assert!(layout.pong >= layout.ping + len.div_ceil(SPAN).div_ceil(128) * HASH);
+                assert!(layout.total >= layout.level1 + len.div_ceil(SPAN) * HASH);
             }
         }
     }

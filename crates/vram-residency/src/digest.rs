@@ -78,28 +78,6 @@ impl TreeDigest {
         })
     }
 
-    /// Builds the file digest from a root hash and level-1 hashes that a device computed itself
-    /// (every tree level on the GPU); only the 256-byte descriptor is hashed here.
-    ///
-    /// The caller vouches that `root_hash` is the tree root over `level1` (for one data block, the
-    /// block's hash, which is also `level1[0]`; all zeros for no data).
-    ///
-    /// # Errors
-    /// [`VramError::MalformedRecord`] when the number of level-1 hashes does not fit `data_size`.
-    pub fn from_device_tree(
-        root_hash: Hash32,
-        level1: Vec<Hash32>,
-        data_size: u64,
-    ) -> Result<Self> {
-        check_level1_count(&level1, data_size)?;
-        Ok(Self {
-            digest: descriptor_digest(&root_hash, data_size),
-            root_hash,
-            data_size,
-            level1,
-        })
-    }
-
     /// The fs-verity file digest.
     #[must_use]
     pub const fn digest(&self) -> Digest {
@@ -527,18 +505,21 @@ mod tests {
     }
 
     #[test]
-    fn from_device_tree_gives_the_same_digest_as_the_host_tree() {
-        for len in [1usize, 4096, 4097, 512 * 1024 + 1, 3 * 512 * 1024] {
+    fn the_tree_above_level_1_gives_the_same_digest_as_the_host_tree() {
+        // How the CUDA backend builds its digest: level-1 hashes from the GPU, the rest here.
+        for len in [
+            1usize,
+            4096,
+            4097,
+            512 * 1024 + 1,
+            3 * 512 * 1024,
+            130 * 512 * 1024 + 5,
+        ] {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let host = digest_bytes(&data).unwrap();
-            let device = TreeDigest::from_device_tree(
-                *host.root_hash(),
-                host.level1().to_vec(),
-                host.data_size(),
-            )
-            .unwrap();
-            assert_eq!(device, host, "len {len}");
+            let from_level1 =
+                TreeDigest::from_level1(host.level1().to_vec(), host.data_size()).unwrap();
+            assert_eq!(from_level1, host, "len {len}");
         }
-        assert!(TreeDigest::from_device_tree([0; 32], vec![[0; 32]; 2], 10).is_err());
     }
 }
