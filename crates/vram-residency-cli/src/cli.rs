@@ -301,8 +301,8 @@ pub fn load_token(token_file: Option<&Path>) -> anyhow::Result<WorkerToken> {
                 .with_context(|| format!("reading the worker token from ${TOKEN_ENV}"))
                 .map_err(usage_of),
             None => Err(usage(format!(
-                "no worker token: pass --token-file FILE or set {TOKEN_ENV} (the token is never \
-                 accepted on the command line)"
+                "no worker token: pass --token-file FILE, or set VRAM_RESIDENCY_TOKEN_FILE (a file) \
+                 or {TOKEN_ENV} (the token itself); the token is never accepted on the command line"
             ))),
         },
     }
