@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use vram_residency::backend::AllocationId;
 use vram_residency::{
     Backend, BackendKind, DeviceBuffer, DeviceInfo, Residency, TreeDigest, VramError, Weights,
+    backend::image_padding,
 };
 
 use crate::device::{Device, device_count, driver_version, init_driver};
@@ -145,14 +146,21 @@ impl Backend for CudaBackend {
         Ok(self.driver.clone())
     }
 
-    fn allocate(&self, gpu: u32, bytes: u64) -> vram_residency::Result<Box<dyn DeviceBuffer>> {
+    fn allocate(
+        &self,
+        gpu: u32,
+        bytes: u64,
+        data_offset: u64,
+    ) -> vram_residency::Result<Box<dyn DeviceBuffer>> {
         let device = Arc::clone(self.gpu(gpu)?);
-        let buffer =
-            VramBuffer::alloc(&device.ctx, bytes).map_err(|error| VramError::AllocationFailed {
+        let padding = image_padding(data_offset);
+        let buffer = VramBuffer::alloc_padded(&device.ctx, bytes, padding).map_err(|error| {
+            VramError::AllocationFailed {
                 gpu,
                 bytes,
                 reason: error.to_string(),
-            })?;
+            }
+        })?;
         let buffer = Arc::new(buffer);
         let id = AllocationId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.live
@@ -236,7 +244,11 @@ impl DeviceBuffer for CudaShard {
     }
 
     fn weights(&self) -> vram_residency::Result<Weights<'_>> {
-        Ok(Weights::device(self.buffer.device_ptr(), self.buffer.len()))
+        Ok(Weights::device(
+            self.device.index(),
+            self.buffer.device_ptr(),
+            self.buffer.len(),
+        ))
     }
 
     fn read_prefix(&self, len: u64) -> vram_residency::Result<Vec<u8>> {

@@ -158,3 +158,28 @@ pub fn seed_seal(device: &Device, path: &std::path::Path) -> Result<(Timed, [u8;
         hash,
     ))
 }
+
+/// Best of `runs` digests of a `bytes`-byte buffer that starts `padding` bytes into its
+/// allocation (8: the image of a safetensors file whose data section was aligned, read by the
+/// kernel's 8-byte-load entry point), for comparison with the aligned figure of the same run.
+///
+/// # Errors
+/// [`CudaError::Driver`], [`CudaError::OutOfBounds`].
+pub fn verify_padded(device: &Device, bytes: u64, padding: u64, runs: usize) -> Result<Timed> {
+    let vram = VramBuffer::alloc_padded(&device.ctx, bytes, padding)?;
+    let n = usize::try_from(bytes).map_err(|_| CudaError::OutOfBounds { what: "size" })?;
+    device.bind()?;
+    // SAFETY: `vram` holds `n` bytes from its first byte on this (current) context; synchronous.
+    unsafe { result::memset_d8_sync(vram.device_ptr(), 0x5a, n) }
+        .map_err(CudaError::driver("cuMemsetD8"))?;
+    let mut best = f64::INFINITY;
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        crate::tree::measure(device, &vram)?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(Timed {
+        bytes,
+        seconds: best,
+    })
+}

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use cudarc::driver::{CudaContext, CudaFunction, sys};
+use cudarc::driver::{CudaContext, sys};
 use vram_residency::DeviceInfo;
 
 use crate::error::{CudaError, Result};
@@ -97,7 +97,7 @@ pub struct Device {
     unified_memory: vram_residency::UnifiedMemoryFacts,
     multiprocessors: u32,
     /// The fs-verity kernel, compiled with NVRTC on first use and kept for the process's lifetime.
-    pub(crate) kernel: Mutex<Option<CudaFunction>>,
+    pub(crate) kernel: Mutex<Option<crate::kernels::HashKernels>>,
     /// Digest workspaces kept for reuse (see [`crate::tree`]).
     pub(crate) workspaces: Mutex<Vec<crate::tree::Workspace>>,
 }
@@ -257,7 +257,7 @@ impl Device {
     }
 
     /// The compiled kernel, compiling it on first use.
-    pub(crate) fn kernel(&self) -> Result<CudaFunction> {
+    pub(crate) fn kernel(&self) -> Result<crate::kernels::HashKernels> {
         let mut slot = self.kernel.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(function) = slot.as_ref() {
             return Ok(function.clone());

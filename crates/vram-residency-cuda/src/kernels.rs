@@ -11,14 +11,42 @@ use crate::error::{CudaError, Result};
 pub const FSVERITY_CU: &str = include_str!("kernels/fsverity.cu");
 
 /// Entry point: `fsverity_hash_blocks(const u8* data, u64 data_len, u8* out)` writes SHA-256 of
-/// each 4096-byte block of `data` (the last one zero-padded) to `out`, 32 bytes per block.
+/// each 4096-byte block of `data` (the last one zero-padded) to `out`, 32 bytes per block; `data`
+/// 16-byte aligned.
 const ENTRY: &str = "fsverity_hash_blocks";
+
+/// The same for `data` that is only 8-byte aligned (8-byte loads).
+const ENTRY_A8: &str = "fsverity_hash_blocks_a8";
+
+/// The two entry points of the compiled kernel, by the alignment of the data they read.
+#[derive(Clone)]
+pub(crate) struct HashKernels {
+    aligned16: CudaFunction,
+    aligned8: CudaFunction,
+}
+
+impl HashKernels {
+    /// The entry point for data starting at device address `data`: 16-byte loads where it is
+    /// 16-byte aligned, 8-byte loads where it is 8-byte aligned.
+    ///
+    /// # Errors
+    /// [`CudaError::OutOfBounds`] for data that is not 8-byte aligned (no buffer of ours is).
+    pub(crate) fn for_data(&self, data: u64) -> Result<&CudaFunction> {
+        match data % 16 {
+            0 => Ok(&self.aligned16),
+            8 => Ok(&self.aligned8),
+            _ => Err(CudaError::OutOfBounds {
+                what: "hashed data must be 8-byte aligned",
+            }),
+        }
+    }
+}
 
 /// Threads per block of the launch (the kernel's `__launch_bounds__`).
 pub const THREADS_PER_BLOCK: u32 = 256;
 
 /// Compiles the kernel for `device` (`compute_XY` of its compute capability) and loads it.
-pub(crate) fn compile(device: &Device) -> Result<CudaFunction> {
+pub(crate) fn compile(device: &Device) -> Result<HashKernels> {
     if !nvrtc_present() {
         return Err(CudaError::NvrtcMissing);
     }
@@ -43,9 +71,15 @@ pub(crate) fn compile(device: &Device) -> Result<CudaFunction> {
         .ctx
         .load_module(ptx)
         .map_err(CudaError::driver("cuModuleLoadData"))?;
-    module
-        .load_function(ENTRY)
-        .map_err(CudaError::driver("cuModuleGetFunction"))
+    let load = |entry| {
+        module
+            .load_function(entry)
+            .map_err(CudaError::driver("cuModuleGetFunction"))
+    };
+    Ok(HashKernels {
+        aligned16: load(ENTRY)?,
+        aligned8: load(ENTRY_A8)?,
+    })
 }
 
 /// Queues `fsverity_hash_blocks(data, data_len, out)` on `stream`: one thread per 4096-byte block.
@@ -55,12 +89,13 @@ pub(crate) fn compile(device: &Device) -> Result<CudaFunction> {
 /// `32 * ceil(data_len / 4096)` writable bytes, both on `stream`'s context, and both must stay
 /// allocated (and `out` unread by others) until the stream has passed this launch.
 pub(crate) unsafe fn launch_hash_blocks(
-    function: &CudaFunction,
+    kernels: &HashKernels,
     stream: &CudaStream,
     data: u64,
     data_len: u64,
     out: u64,
 ) -> Result<()> {
+    let function = kernels.for_data(data)?;
     let blocks = data_len.div_ceil(4096);
     if blocks == 0 {
         return Ok(());

@@ -20,12 +20,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaStream};
+use cudarc::driver::CudaStream;
 use vram_residency::digest::{HASH_SIZE, LEVEL1_SPAN, TreeDigest};
 
 use crate::device::Device;
 use crate::error::{CudaError, Result};
-use crate::kernels::launch_hash_blocks;
+use crate::kernels::{HashKernels, launch_hash_blocks};
 use crate::vram::VramBuffer;
 
 const BLOCK: u64 = 4096;
@@ -177,7 +177,7 @@ pub fn measure(device: &Device, buffer: &VramBuffer) -> Result<TreeDigest> {
 /// The GPU passes on `workspace`; returns the level-1 hashes (for one data block, that block's
 /// hash, which is also the root).
 fn measure_in(
-    function: &CudaFunction,
+    function: &HashKernels,
     buffer: &VramBuffer,
     plan: &WindowPlan,
     layout: &Layout,
@@ -222,7 +222,7 @@ fn measure_in(
 /// Queues, per window, the data-block pass into the window's scratch and the level-1 pass from
 /// there into its place in the level-1 area; windows alternate between the two streams.
 fn queue_windows(
-    function: &CudaFunction,
+    function: &HashKernels,
     buffer: &VramBuffer,
     plan: &WindowPlan,
     layout: &Layout,

@@ -19,6 +19,9 @@ pub static FREE_ERRORS: AtomicU64 = AtomicU64::new(0);
 /// memory or copy into ranges the caller exclusively borrows (`&mut self` for writes).
 pub struct VramBuffer {
     ctx: Arc<CudaContext>,
+    /// What `cuMemAlloc` returned (freed in `Drop`).
+    base: sys::CUdeviceptr,
+    /// The buffer's first byte: `base + padding` (see [`alloc_padded`](Self::alloc_padded)).
     ptr: sys::CUdeviceptr,
     len: u64,
 }
@@ -38,22 +41,44 @@ impl VramBuffer {
     /// [`CudaError::OutOfBounds`] for a zero or unrepresentable size; [`CudaError::Driver`] when
     /// `cuMemAlloc` fails (out of memory).
     pub fn alloc(ctx: &Arc<CudaContext>, len: u64) -> Result<Self> {
+        Self::alloc_padded(ctx, len, 0)
+    }
+
+    /// Allocates `len` bytes that start `padding` bytes into a fresh `cuMemAlloc` allocation (which
+    /// is at least 256-byte aligned), so that a file image's data section can land on an aligned
+    /// address (see `vram_residency::backend::image_padding`). `padding` must be a multiple of 8 and
+    /// below 256: the hashing kernel reads the buffer in 8- or 16-byte words.
+    ///
+    /// # Errors
+    /// As [`alloc`](Self::alloc); [`CudaError::OutOfBounds`] for a padding that breaks the rule.
+    pub fn alloc_padded(ctx: &Arc<CudaContext>, len: u64, padding: u64) -> Result<Self> {
+        if !padding.is_multiple_of(8) || padding >= 256 {
+            return Err(CudaError::OutOfBounds {
+                what: "image padding (a multiple of 8 below 256)",
+            });
+        }
         if len == 0 {
             return Err(CudaError::OutOfBounds {
                 what: "zero-byte allocation",
             });
         }
-        let bytes = usize::try_from(len).map_err(|_| CudaError::OutOfBounds {
-            what: "allocation size exceeds usize",
-        })?;
+        let bytes = len
+            .checked_add(padding)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or(CudaError::OutOfBounds {
+                what: "allocation size exceeds usize",
+            })?;
         ctx.bind_to_thread()
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
         // SAFETY: the context is current on this thread (bound above); the memory is returned
         // uninitialised, which is fine for bytes; it is freed exactly once, in Drop.
-        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(CudaError::driver("cuMemAlloc"))?;
+        let base =
+            unsafe { result::malloc_sync(bytes) }.map_err(CudaError::driver("cuMemAlloc"))?;
         Ok(Self {
             ctx: Arc::clone(ctx),
-            ptr,
+            base,
+            // Cannot overflow: the driver returned `len + padding` addressable bytes at `base`.
+            ptr: base.wrapping_add(padding),
             len,
         })
     }
@@ -76,7 +101,8 @@ impl VramBuffer {
         &self.ctx
     }
 
-    /// The device address, for kernels and the pointer-attribute check. Never log it (MS-001).
+    /// The device address of the buffer's first byte (8-byte aligned at least), for kernels and the
+    /// pointer-attribute check. Never log it (MS-001).
     #[must_use]
     pub const fn device_ptr(&self) -> u64 {
         self.ptr
@@ -161,10 +187,10 @@ impl Drop for VramBuffer {
         let freed = self
             .ctx
             .bind_to_thread()
-            // SAFETY: `ptr` came from cuMemAlloc on this context and is freed only here, once; no
+            // SAFETY: `base` came from cuMemAlloc on this context and is freed only here, once; no
             // copy or kernel of ours still uses it (every operation synchronises before returning
             // the buffer to safe code).
-            .and_then(|()| unsafe { result::free_sync(self.ptr) });
+            .and_then(|()| unsafe { result::free_sync(self.base) });
         if let Err(error) = freed {
             FREE_ERRORS.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%error, bytes = self.len, "cuMemFree failed; device memory may leak");

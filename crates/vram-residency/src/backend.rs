@@ -7,10 +7,10 @@
 
 use std::fmt;
 use std::io::Read;
-use std::ops::Deref;
 
 use crate::digest::TreeDigest;
 use crate::error::{Result, VramError};
+pub use crate::weights::Weights;
 
 /// Which kind of memory holds the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -284,6 +284,43 @@ pub trait DeviceBuffer: Send + Sync {
     fn read_prefix(&self, len: u64) -> Result<Vec<u8>>;
 }
 
+/// Where tensor data is placed in device memory: the data section of a file image starts on a
+/// multiple of this many bytes, so that every tensor whose offset in the data section is a multiple
+/// of 256 (as writers lay them out) starts where GEMM libraries pick their aligned kernels
+/// (cuBLAS wants 16 bytes, its fastest kernels 128 to 256), exactly as a freshly allocated tensor
+/// would.
+pub const DATA_ALIGNMENT: u64 = 256;
+
+/// The bytes a backend leaves free before a file image so that its data section, `data_offset`
+/// bytes in, lands on a [`DATA_ALIGNMENT`] boundary of an allocation that is itself so aligned.
+/// Only multiples of 8 are used, so the image itself always starts 8-byte aligned (what the hashing
+/// kernel needs); a data section at an offset that is not a multiple of 8 gets no padding (its
+/// tensors cannot all be aligned anyway, and lending them refuses those that are not).
+#[must_use]
+pub const fn image_padding(data_offset: u64) -> u64 {
+    if !data_offset.is_multiple_of(8) {
+        return 0;
+    }
+    // `data_offset % 256` is below 256, so neither step can overflow or divide by zero.
+    DATA_ALIGNMENT.wrapping_sub(data_offset % DATA_ALIGNMENT) % DATA_ALIGNMENT
+}
+
+#[cfg(test)]
+mod padding_tests {
+    use super::*;
+
+    #[test]
+    fn padding_puts_the_data_section_on_a_256_byte_boundary_and_keeps_8_byte_alignment() {
+        for data_offset in (0..2048_u64).step_by(8) {
+            let pad = image_padding(data_offset);
+            assert!(pad < DATA_ALIGNMENT && pad.is_multiple_of(8), "{data_offset}: {pad}");
+            assert_eq!((pad + data_offset) % DATA_ALIGNMENT, 0, "{data_offset}");
+        }
+        assert_eq!(image_padding(0), 0);
+        assert_eq!(image_padding(256 + 3), 0, "unaligned data sections get no padding");
+    }
+}
+
 /// A device-memory backend.
 pub trait Backend: Send + Sync {
     /// Which kind this is.
@@ -304,87 +341,14 @@ pub trait Backend: Send + Sync {
         Ok("unknown".to_owned())
     }
 
-    /// Allocates `bytes` of device memory on device `gpu`.
+    /// Allocates room for a `bytes`-byte file image on device `gpu`. `data_offset` is where the
+    /// image's data section (its tensors) starts: a backend that lends its memory to inference
+    /// engines places the image so that this offset lands on a [`DATA_ALIGNMENT`] boundary (see
+    /// [`image_padding`]); 0 for an image without a header.
     ///
     /// # Errors
     /// [`VramError::AllocationFailed`] or [`VramError::InvalidGpuIndex`].
-    fn allocate(&self, gpu: u32, bytes: u64) -> Result<Box<dyn DeviceBuffer>>;
-}
-
-/// Access to a shard's weights, lent by [`VramManager::execute`](crate::VramManager::execute) for the
-/// duration of one closure call. Its `Debug` shows no address.
-pub struct Weights<'a> {
-    len: u64,
-    access: Access<'a>,
-}
-
-enum Access<'a> {
-    Host(Box<dyn Deref<Target = [u8]> + 'a>),
-    Device(u64),
-}
-
-impl<'a> Weights<'a> {
-    /// Weights in host memory (the `sim` backend).
-    #[must_use]
-    pub fn host(bytes: Box<dyn Deref<Target = [u8]> + 'a>) -> Self {
-        let len = bytes.len() as u64;
-        Self {
-            len,
-            access: Access::Host(bytes),
-        }
-    }
-
-    /// Weights in device memory at `device_ptr` (the `cuda` backend).
-    #[must_use]
-    pub fn device(device_ptr: u64, len: u64) -> Self {
-        Self {
-            len,
-            access: Access::Device(device_ptr),
-        }
-    }
-
-    /// Size in bytes.
-    #[must_use]
-    pub const fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// True when there are no bytes.
-    #[must_use]
-    pub const fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The bytes, when they are in host memory (`sim` only).
-    #[must_use]
-    pub fn host_bytes(&self) -> Option<&[u8]> {
-        match &self.access {
-            Access::Host(bytes) => Some(bytes),
-            Access::Device(_) => None,
-        }
-    }
-
-    /// The device address (`cuda` only), for launching inference kernels. Do not log it (MS-001).
-    #[must_use]
-    pub const fn device_ptr(&self) -> Option<u64> {
-        match self.access {
-            Access::Device(ptr) => Some(ptr),
-            Access::Host(_) => None,
-        }
-    }
-}
-
-impl fmt::Debug for Weights<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let place = match self.access {
-            Access::Host(_) => "host",
-            Access::Device(_) => "device",
-        };
-        f.debug_struct("Weights")
-            .field("len", &self.len)
-            .field("memory", &place)
-            .finish_non_exhaustive()
-    }
+    fn allocate(&self, gpu: u32, bytes: u64, data_offset: u64) -> Result<Box<dyn DeviceBuffer>>;
 }
 
 #[cfg(test)]
@@ -490,18 +454,6 @@ mod tests {
         assert_eq!(
             DevicePolicy::default().verdict(cuda, &hmm),
             DeviceVerdict::Accepted
-        );
-    }
-
-    #[test]
-    fn weights_debug_shows_no_address_ms_001() {
-        let w = Weights::device(0xdead_beef_0000, 4096);
-        let shown = format!("{w:?}");
-        assert!(!shown.contains("dead"), "{shown}");
-        assert!(!shown.to_lowercase().contains("0x"), "{shown}");
-        assert!(
-            !shown.contains(&0xdead_beef_0000_u64.to_string()),
-            "{shown}"
         );
     }
 }

@@ -204,6 +204,18 @@ pub enum VramError {
         shard_id: ShardId,
     },
 
+    /// The shard cannot be freed: tensors lent from it (leases, DLPack views) are still alive.
+    #[error(
+        "shard {shard_id} is still lent to {leases} holder(s) (tensor views or leases); drop them \
+         before evicting it"
+    )]
+    ShardInUse {
+        /// The shard.
+        shard_id: ShardId,
+        /// How many leases or other holders besides the caller.
+        leases: u64,
+    },
+
     /// The VRAM-only policy was violated (VP-001, VP-003, VP-005).
     #[error("VRAM-only policy violation: {reason}")]
     PolicyViolation {

@@ -113,6 +113,7 @@ pub mod models_dir;
 pub mod seal;
 pub mod shard;
 pub mod sim;
+pub mod weights;
 
 pub use attestation::{Attestation, AttestationEnvelope};
 pub use audit::{
@@ -121,7 +122,7 @@ pub use audit::{
 pub use audit_log::AuditLog;
 pub use backend::{
     Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency,
-    UnifiedMemoryFacts, Weights,
+    UnifiedMemoryFacts,
 };
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
@@ -131,3 +132,6 @@ pub use models_dir::ModelsDir;
 pub use seal::SealRecord;
 pub use shard::{SealView, SealedShard, ShardId};
 pub use sim::{SimBackend, SimConfig};
+pub use weights::{
+    DeviceRegion, Element, ElementKind, Lease, Location, TensorLayout, TensorView, Weights,
+};

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::attestation::{Attestation, AttestationEnvelope, validate_nonce};
 use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
 use crate::backend::{
-    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency, Weights,
+    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency,
 };
 use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
@@ -28,6 +28,7 @@ use crate::ids::{ShardId, unix_nanos};
 use crate::keys::{KeySet, PublicKey, WorkerToken};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
 use crate::shard::SealedShard;
+use crate::weights::{Lease, Weights};
 
 /// Default maximum model size: 100 GB (IV-001, RP-003).
 pub const DEFAULT_MAX_MODEL_BYTES: u64 = 100_000_000_000;
@@ -523,7 +524,11 @@ impl VramManager {
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
         let buffer = self
             .backend
-            .allocate(gpu, len)
+            .allocate(
+                gpu,
+                len,
+                opts.tensor_table.as_ref().map_or(0, |t| t.data_offset),
+            )
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
         self.check_residency(gpu, buffer.residency()?)?;
         let capacity = self.ledger.capacity(gpu)?;
@@ -684,8 +689,24 @@ impl VramManager {
     pub fn execute<R>(&self, shard: &SealedShard, run: impl FnOnce(Weights<'_>) -> R) -> Result<R> {
         self.ensure_running()?;
         self.verify_sealed(shard)?;
-        let weights = shard.buffer.weights()?;
+        let weights = shard.buffer.weights()?.with_table(shard.tensor_table());
         Ok(run(weights))
+    }
+
+    /// Verifies the shard (CI-007) and lends it for as long as the returned [`Lease`] lives: what
+    /// an inference engine that keeps tensors on the shard's memory (Python's DLPack views) needs.
+    /// The lease holds the shard (an `Arc`), so its memory stays allocated while any lease exists:
+    /// [`deallocate`](Self::deallocate) needs the shard itself, which `Arc::try_unwrap` gives only
+    /// once the last lease is dropped (report [`VramError::ShardInUse`] until then).
+    /// Re-verify before each request ([`verify_sealed`](Self::verify_sealed)).
+    ///
+    /// # Errors
+    /// As [`execute`](Self::execute).
+    pub fn lend(&self, shard: &Arc<SealedShard>) -> Result<Lease> {
+        self.ensure_running()?;
+        self.verify_sealed(shard)?;
+        let location = shard.buffer.weights()?.location();
+        Ok(Lease::new(Arc::clone(shard), location))
     }
 
     /// Attests, for the caller's `nonce` (16 to 64 bytes), that the shard is resident and intact now

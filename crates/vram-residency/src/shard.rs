@@ -121,6 +121,18 @@ impl SealedShard {
         self.buffer.allocation_id()
     }
 
+    /// True when `[address, address + len)` lies inside this shard's memory. Lets an engine check
+    /// that its tensors alias the sealed bytes (not a copy) without the shard revealing where they
+    /// are: the answer is a yes or no, never an address (MS-001).
+    ///
+    /// # Errors
+    /// Backend errors.
+    pub fn holds(&self, address: u64, len: u64) -> crate::error::Result<bool> {
+        let start = self.buffer.weights()?.location().address_at(0);
+        let end = start.saturating_add(self.record.vram_bytes);
+        Ok(address >= start && address.checked_add(len).is_some_and(|e| e <= end))
+    }
+
     /// The public view for printing and serialisation.
     #[must_use]
     pub fn view(&self) -> SealView {

@@ -173,7 +173,9 @@ impl Backend for SimBackend {
         Ok("sim".to_owned())
     }
 
-    fn allocate(&self, gpu: u32, bytes: u64) -> Result<Box<dyn DeviceBuffer>> {
+    /// `data_offset` is ignored: host memory from the allocator is 16-byte aligned, which is all
+    /// that lending views to numpy needs (the `cuda` backend pads; see [`crate::backend::image_padding`]).
+    fn allocate(&self, gpu: u32, bytes: u64, _data_offset: u64) -> Result<Box<dyn DeviceBuffer>> {
         if gpu >= self.inner.config.devices {
             return Err(VramError::InvalidGpuIndex {
                 gpu,
@@ -344,7 +346,7 @@ mod tests {
             bytes_per_device: 1 << 20,
         });
         let data = vec![5u8; 10_000];
-        let mut buf = sim.allocate(1, data.len() as u64).unwrap();
+        let mut buf = sim.allocate(1, data.len() as u64, 0).unwrap();
         buf.upload(&mut &data[..], &mut |_| {}).unwrap();
         assert_eq!(buf.tree_digest().unwrap(), digest_bytes(&data).unwrap());
         assert_eq!(sim.devices().unwrap()[1].free_bytes, (1 << 20) - 10_000);
@@ -355,7 +357,7 @@ mod tests {
     #[test]
     fn short_and_long_sources_are_refused() {
         let sim = SimBackend::new(SimConfig::default());
-        let mut buf = sim.allocate(0, 100).unwrap();
+        let mut buf = sim.allocate(0, 100, 0).unwrap();
         let short = [1u8; 99];
         assert!(matches!(
             buf.upload(&mut &short[..], &mut |_| {}),
@@ -375,11 +377,11 @@ mod tests {
             bytes_per_device: 1000,
         });
         assert!(matches!(
-            sim.allocate(1, 10),
+            sim.allocate(1, 10, 0),
             Err(VramError::InvalidGpuIndex { gpu: 1, count: 1 })
         ));
         assert!(matches!(
-            sim.allocate(0, 1001),
+            sim.allocate(0, 1001, 0),
             Err(VramError::AllocationFailed { .. })
         ));
     }
@@ -387,7 +389,7 @@ mod tests {
     #[test]
     fn flip_bit_changes_exactly_one_bit() {
         let sim = SimBackend::new(SimConfig::default());
-        let mut buf = sim.allocate(0, 16).unwrap();
+        let mut buf = sim.allocate(0, 16, 0).unwrap();
         buf.upload(&mut &[0u8; 16][..], &mut |_| {}).unwrap();
         sim.flip_bit(buf.allocation_id(), 13).unwrap();
         let w = buf.weights().unwrap();

@@ -236,16 +236,37 @@ fn gpu_a_thousand_single_bit_flips_over_several_shards_are_all_corruption_in_the
     warm_up(&gpu);
     let before = free_vram(&gpu);
     let (manager, audit) = manager(&gpu);
-    let sizes = [64 << 20, (33 << 20) + 77, (5 << 20) + 1, 4096 * 3 + 1];
-    let shards: Vec<_> = sizes
+    // Raw images (start 256-byte aligned: 16-byte loads) and safetensors images placed so that
+    // their data section is 256-byte aligned: one whose image then starts only 8-byte aligned (the
+    // kernel's 8-byte-load entry point), one 16-byte aligned.
+    let st_a8 = safetensors_image((33 << 20) + 77, 901, 8);
+    let st_a16 = safetensors_image(4096 * 3 + 1, 903, 0);
+    let images = [
+        random_bytes(64 << 20, 900),
+        st_a8,
+        random_bytes((5 << 20) + 1, 902),
+        st_a16,
+    ];
+    let shards: Vec<_> = images
         .iter()
-        .enumerate()
-        .map(|(i, &size)| {
+        .map(|image| {
+            let mut reader = image.as_slice();
+            let opts = SealOptions {
+                tensor_table: vram_residency::format::read_tensor_table_from_bytes(image)
+                    .ok()
+                    .filter(|t| t.data_offset > 0)
+                    .map(Arc::new),
+                ..SealOptions::default()
+            };
             manager
-                .seal_model(&random_bytes(size, 900 + i as u64), 0)
+                .seal_reader(&mut reader, image.len() as u64, 0, &opts)
                 .unwrap()
         })
         .collect();
+    assert_eq!(
+        shards.iter().filter(|s| s.tensor_table().is_some()).count(),
+        2
+    );
     let flips = 1000u64;
     let mut detected = 0u64;
     let mut state = 0x5DEE_CE66_D1CE_u64;
@@ -355,6 +376,20 @@ fn gpu_bad_input_is_a_clear_error_and_leaves_nothing_allocated() {
     assert_no_leak(&gpu, before, test);
 }
 
+/// A safetensors image: one `U8` tensor `w` of `data_len` random bytes, its header padded with
+/// spaces so that the data section starts at `8 + N` with `(8 + N) % 16 == data_mod_16` (0 or 8).
+fn safetensors_image(data_len: usize, seed: u64, data_mod_16: usize) -> Vec<u8> {
+    let mut header =
+        format!(r#"{{"w":{{"dtype":"U8","shape":[{data_len}],"data_offsets":[0,{data_len}]}}}}"#);
+    while (8 + header.len()) % 16 != data_mod_16 {
+        header.push(' ');
+    }
+    let mut image = (header.len() as u64).to_le_bytes().to_vec();
+    image.extend_from_slice(header.as_bytes());
+    image.extend_from_slice(&random_bytes(data_len, seed));
+    image
+}
+
 #[test]
 fn gpu_shards_live_in_plain_device_memory_and_execute_lends_a_device_pointer_vp_001_003() {
     let test =
@@ -368,13 +403,18 @@ fn gpu_shards_live_in_plain_device_memory_and_execute_lends_a_device_pointer_vp_
     assert_eq!(report.residency, Residency::DeviceMemory);
     let seen = manager
         .execute(&shard, |w| {
-            (w.device_ptr().is_some(), w.host_bytes().is_none(), w.len())
+            (
+                w.device_region().map(|r| (r.gpu(), r.len())),
+                w.host_bytes().is_none(),
+                w.len(),
+            )
         })
         .unwrap();
-    assert_eq!(seen, (true, true, 1 << 20));
+    assert_eq!(seen, (Some((0, 1 << 20)), true, 1 << 20));
     // No address in any audit line or in the handle's Debug (MS-001).
     let ptr = manager
-        .execute(&shard, |w| w.device_ptr().unwrap())
+        .execute(&shard, |w| w.device_region().map(|r| r.address()))
+        .unwrap()
         .unwrap();
     let shown = format!("{shard:?} {:?}", audit.entries());
     assert!(!shown.contains(&format!("{ptr:x}")) && !shown.contains(&ptr.to_string()));
@@ -595,4 +635,77 @@ fn gpu_the_sealed_table_is_parsed_again_from_the_header_in_vram() {
         "{err}"
     );
     assert_eq!(manager.used_vram(0).unwrap(), 0);
+}
+
+#[test]
+fn gpu_tensors_are_lent_at_256_byte_aligned_addresses_and_padded_images_digest_as_fsverity() {
+    let test =
+        "gpu_tensors_are_lent_at_256_byte_aligned_addresses_and_padded_images_digest_as_fsverity";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    let before = free_vram(&gpu);
+    let dir = tempfile::tempdir().unwrap();
+    for (data_mod_16, len) in [(8, (3 << 20) + 5), (0, 70_000)] {
+        // A fresh worker each time: the corruption below stops the worker.
+        let (manager, _) = manager(&gpu);
+        let path = dir.path().join(format!("m{data_mod_16}.safetensors"));
+        std::fs::write(
+            &path,
+            safetensors_image(len, 40 + data_mod_16 as u64, data_mod_16),
+        )
+        .unwrap();
+        let shard = Arc::new(
+            manager
+                .seal_file(&path, 0, &SealOptions::default())
+                .unwrap(),
+        );
+        // The digest of a padded image is still the file's fs-verity digest.
+        assert_eq!(
+            shard.digest().to_string(),
+            fsverity_digest(&path),
+            "{path:?}"
+        );
+        let lease = manager.lend(&shard).unwrap();
+        let tensors = lease.tensors();
+        assert_eq!(tensors.len(), 1);
+        let address = lease.location().address_at(tensors[0].offset());
+        assert_eq!(
+            address % 256,
+            0,
+            "data section of {path:?} not 256-byte aligned"
+        );
+        assert_eq!(
+            lease.location().address_at(0) % 16,
+            data_mod_16 as u64,
+            "image start of {path:?}"
+        );
+        // Still alive through the lease: the shard cannot be unwrapped for deallocation.
+        let shard = Arc::try_unwrap(shard).unwrap_err();
+        // A flip inside the tensor is corruption naming it.
+        let bit = 8 * (tensors[0].offset() + 4096 + 17) + 3;
+        gpu.backend.flip_bit(shard.allocation_id(), bit).unwrap();
+        match manager.verify_sealed(&shard) {
+            Err(VramError::Corruption { tensors, .. }) => assert_eq!(tensors, ["w"]),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        gpu.backend.flip_bit(shard.allocation_id(), bit).unwrap();
+        manager.verify_sealed(&shard).unwrap();
+        drop(lease);
+        let shard = Arc::try_unwrap(shard).unwrap();
+        manager.deallocate(shard).unwrap();
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: data section at offset {} ≡ {data_mod_16} mod 16: tensor address ≡ 0 mod 256, digest = fsverity",
+            tensors_offset(&path)
+        );
+    }
+    assert_no_leak(&gpu, before, test);
+}
+
+fn tensors_offset(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    vram_residency::format::read_tensor_table_from_bytes(&bytes)
+        .unwrap()
+        .data_offset
 }

@@ -466,8 +466,9 @@ impl vram_residency::Backend for FakeGpu {
         &self,
         gpu: u32,
         bytes: u64,
+        data_offset: u64,
     ) -> vram_residency::Result<Box<dyn vram_residency::DeviceBuffer>> {
-        self.sim.allocate(gpu, bytes)
+        self.sim.allocate(gpu, bytes, data_offset)
     }
 }
 

@@ -46,7 +46,9 @@
 //     67 registers, no local memory (NVRTC 13, sm_90) -> 3 CTAs/SM.
 //   * Any gridDim.x >= 1 works (grid-stride loop over blocks); for full
 //     occupancy use e.g. min(ceil(nblocks/256), SMs * blocks-per-SM).
-//   * data: 16-byte aligned at least (cuMemAlloc gives 256).  out: 16-byte
+//   * data: 16-byte aligned for fsverity_hash_blocks (cuMemAlloc gives
+//     256), 8-byte aligned for fsverity_hash_blocks_a8 (same contract
+//     otherwise; 8-byte loads on the fast path).  out: 16-byte
 //     aligned at least (32 recommended), room for 32*ceil(data_len/4096)
 //     bytes; out must not overlap data.  data_len == 0 -> no output.
 //   * All indices are 64-bit: data_len may be far beyond 4 GiB.
@@ -282,18 +284,32 @@ __device__ __forceinline__ uint4 load_v4_tail(const u8* __restrict__ data, u64 l
 }
 
 // Load 64-byte chunk number 'chunk' (0..63) of the block at byte offset base.
-// Fast path: four 16-byte read-only loads.  Tail path: bounds-checked bytes.
+// Fast path: four 16-byte read-only loads (ALIGN16, data 16-byte aligned) or
+// eight 8-byte ones (data only 8-byte aligned: a file image placed so that
+// its data section, not its first byte, is aligned).  Tail path:
+// bounds-checked bytes.
+template <bool ALIGN16>
 __device__ __forceinline__ void load_chunk(
     bool full, const u8* __restrict__ data, u64 len, u64 base, u32 chunk,
     uint4& q0, uint4& q1, uint4& q2, uint4& q3)
 {
     const u64 off = base + 64ull * chunk;
     if (full) {
-        const uint4* p = reinterpret_cast<const uint4*>(data + off);
-        q0 = __ldg(p + 0);
-        q1 = __ldg(p + 1);
-        q2 = __ldg(p + 2);
-        q3 = __ldg(p + 3);
+        if (ALIGN16) {
+            const uint4* p = reinterpret_cast<const uint4*>(data + off);
+            q0 = __ldg(p + 0);
+            q1 = __ldg(p + 1);
+            q2 = __ldg(p + 2);
+            q3 = __ldg(p + 3);
+        } else {
+            const uint2* p = reinterpret_cast<const uint2*>(data + off);
+            const uint2 a = __ldg(p + 0), b = __ldg(p + 1), c = __ldg(p + 2), d = __ldg(p + 3);
+            const uint2 e = __ldg(p + 4), f = __ldg(p + 5), g = __ldg(p + 6), h = __ldg(p + 7);
+            q0 = make_uint4(a.x, a.y, b.x, b.y);
+            q1 = make_uint4(c.x, c.y, d.x, d.y);
+            q2 = make_uint4(e.x, e.y, f.x, f.y);
+            q3 = make_uint4(g.x, g.y, h.x, h.y);
+        }
     } else {
         q0 = load_v4_tail(data, len, off);
         q1 = load_v4_tail(data, len, off + 16u);
@@ -307,8 +323,8 @@ __device__ __forceinline__ void load_chunk(
 #ifndef FSV_MIN_BLOCKS_PER_SM
 #define FSV_MIN_BLOCKS_PER_SM 1
 #endif
-extern "C" __global__ void __launch_bounds__(256, FSV_MIN_BLOCKS_PER_SM)
-fsverity_hash_blocks(const u8* __restrict__ data, u64 data_len, u8* __restrict__ out)
+template <bool ALIGN16>
+__device__ __forceinline__ void hash_blocks(const u8* __restrict__ data, u64 data_len, u8* __restrict__ out)
 {
     const u64 nblocks = data_len / FSV_BLOCK_SIZE + ((data_len % FSV_BLOCK_SIZE) != 0ull ? 1ull : 0ull);
 
@@ -330,7 +346,7 @@ fsverity_hash_blocks(const u8* __restrict__ data, u64 data_len, u8* __restrict__
                      0x510e527fu, 0x9b05688cu, 0x1f83d9abu, 0x5be0cd19u};
 
         uint4 n0, n1, n2, n3;
-        load_chunk(full, data, data_len, base, 0u, n0, n1, n2, n3);
+        load_chunk<ALIGN16>(full, data, data_len, base, 0u, n0, n1, n2, n3);
 
 #pragma unroll 1
         for (u32 chunk = 0; chunk < 64u; ++chunk) {
@@ -339,7 +355,7 @@ fsverity_hash_blocks(const u8* __restrict__ data, u64 data_len, u8* __restrict__
             // last chunk this re-reads chunk 63 (an L1 hit) instead of
             // branching.
             const u32 next = chunk < 63u ? chunk + 1u : 63u;
-            load_chunk(full, data, data_len, base, next, n0, n1, n2, n3);
+            load_chunk<ALIGN16>(full, data, data_len, base, next, n0, n1, n2, n3);
 
             sha256_compress(K_, st,
                             bswap32(c0.x), bswap32(c0.y), bswap32(c0.z), bswap32(c0.w),
@@ -356,4 +372,18 @@ fsverity_hash_blocks(const u8* __restrict__ data, u64 data_len, u8* __restrict__
         o[0] = d0;
         o[1] = d1;
     }
+}
+
+// data 16-byte aligned (every tree level; a data pass over an image without padding).
+extern "C" __global__ void __launch_bounds__(256, FSV_MIN_BLOCKS_PER_SM)
+fsverity_hash_blocks(const u8* __restrict__ data, u64 data_len, u8* __restrict__ out)
+{
+    hash_blocks<true>(data, data_len, out);
+}
+
+// data only 8-byte aligned (a file image padded so that its data section is aligned).
+extern "C" __global__ void __launch_bounds__(256, FSV_MIN_BLOCKS_PER_SM)
+fsverity_hash_blocks_a8(const u8* __restrict__ data, u64 data_len, u8* __restrict__ out)
+{
+    hash_blocks<false>(data, data_len, out);
 }

@@ -1,0 +1,390 @@
+//! `Shard` (one sealed file) and `Model` (the shards of one checkpoint) as Python objects.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use vram_residency::{SealedShard, VerifyReport, VramError, VramManager, WorkerState};
+
+use crate::errors::{ShardInUseError, WorkerStoppedError, to_py};
+use crate::tensor::Tensor;
+
+/// One sealed shard. Evicted explicitly with `evict()`, or freed when the last reference to it
+/// (including every tensor lent from it) is gone.
+#[pyclass(frozen, module = "vram_residency._native", name = "Shard")]
+pub struct Shard {
+    manager: Arc<VramManager>,
+    inner: Mutex<Option<Arc<SealedShard>>>,
+    shard_id: String,
+}
+
+impl Shard {
+    pub fn new(manager: Arc<VramManager>, shard: SealedShard) -> Self {
+        Self {
+            manager,
+            shard_id: shard.shard_id().to_string(),
+            inner: Mutex::new(Some(Arc::new(shard))),
+        }
+    }
+
+    /// The shard, or an error once it was evicted.
+    pub fn get(&self) -> PyResult<Arc<SealedShard>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                crate::errors::VramResidencyError::new_err(format!(
+                    "shard {} was evicted",
+                    self.shard_id
+                ))
+            })
+    }
+
+    /// Verifies in device memory (the GIL released meanwhile); refuses on a stopped worker.
+    pub fn verify_now(&self, py: Python<'_>) -> PyResult<VerifyReport> {
+        let shard = self.get()?;
+        let manager = Arc::clone(&self.manager);
+        py.detach(move || {
+            if let WorkerState::Stopped { reason } = manager.state() {
+                return Err(VramError::WorkerStopped { reason });
+            }
+            manager.verify_sealed(&shard)
+        })
+        .map_err(|e| to_py(py, e))
+    }
+
+    /// Lends the shard (verifying it first) and returns its tensors in table order.
+    pub fn lend_tensors(&self, py: Python<'_>) -> PyResult<Vec<Tensor>> {
+        let shard = self.get()?;
+        let manager = Arc::clone(&self.manager);
+        let lease = py
+            .detach(move || manager.lend(&shard))
+            .map_err(|e| to_py(py, e))?;
+        lease
+            .tensors()
+            .iter()
+            .map(|view| Tensor::new(&lease, view))
+            .collect()
+    }
+
+    /// Frees the shard unless tensors lent from it are alive.
+    pub fn evict_now(&self, py: Python<'_>) -> PyResult<()> {
+        let mut slot = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(shared) = slot.take() else {
+            return Ok(());
+        };
+        match Arc::try_unwrap(shared) {
+            Ok(shard) => {
+                drop(slot);
+                let manager = Arc::clone(&self.manager);
+                py.detach(move || manager.deallocate(shard))
+                    .map_err(|e| to_py(py, e))
+            }
+            Err(shared) => {
+                let holders = Arc::strong_count(&shared).saturating_sub(1);
+                *slot = Some(shared);
+                Err(ShardInUseError::new_err(format!(
+                    "shard {} is still lent to {holders} holder(s) (tensor views, or torch tensors \
+                     made from them); delete them (and the model using them) before evicting it",
+                    self.shard_id
+                )))
+            }
+        }
+    }
+}
+
+/// The verification report as a dict.
+pub fn report_dict<'py>(py: Python<'py>, report: &VerifyReport) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    let seconds = report.elapsed.as_secs_f64();
+    dict.set_item("shard_id", report.shard_id.to_string())?;
+    dict.set_item("digest", report.digest.to_string())?;
+    dict.set_item("bytes", report.vram_bytes)?;
+    dict.set_item("seconds", seconds)?;
+    dict.set_item(
+        "gb_per_s",
+        if seconds > 0.0 {
+            report.vram_bytes as f64 / seconds / 1e9
+        } else {
+            0.0
+        },
+    )?;
+    dict.set_item("backend", report.backend.name())?;
+    Ok(dict)
+}
+
+#[pymethods]
+impl Shard {
+    /// The shard id.
+    #[getter]
+    fn shard_id(&self) -> &str {
+        &self.shard_id
+    }
+
+    /// The fs-verity digest measured in device memory at seal time (`sha256:<hex>`).
+    #[getter]
+    fn digest(&self) -> PyResult<String> {
+        Ok(self.get()?.digest().to_string())
+    }
+
+    /// Size in bytes.
+    #[getter]
+    fn nbytes(&self) -> PyResult<u64> {
+        Ok(self.get()?.vram_bytes())
+    }
+
+    /// Device index.
+    #[getter]
+    fn gpu(&self) -> PyResult<u32> {
+        Ok(self.get()?.gpu_device())
+    }
+
+    /// `"cuda"` or `"sim"`.
+    #[getter]
+    fn backend(&self) -> PyResult<&'static str> {
+        Ok(self.get()?.backend().name())
+    }
+
+    /// The caller's name for the model.
+    #[getter]
+    fn model_ref(&self) -> PyResult<String> {
+        Ok(self.get()?.record.model_ref.clone())
+    }
+
+    /// False once evicted.
+    #[getter]
+    fn resident(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// The seal record's public view (what `seal --json` prints), as a dict.
+    fn record<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let json = serde_json::to_string(&self.get()?.view())
+            .map_err(|e| crate::errors::VramResidencyError::new_err(e.to_string()))?;
+        py.import("json")?.call_method1("loads", (json,))
+    }
+
+    /// Names of the tensors in the sealed table, in file order.
+    fn tensor_names(&self) -> PyResult<Vec<String>> {
+        Ok(self
+            .get()?
+            .tensor_table()
+            .map(|t| t.tensors.iter().map(|x| x.name.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    /// Verifies the shard in device memory (CI-007), then returns a view of every tensor of its
+    /// table (name -> `Tensor`), each exportable with DLPack without a copy.
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for tensor in self.lend_tensors(py)? {
+            let name = tensor.name_str().to_owned();
+            dict.set_item(name, Bound::new(py, tensor)?)?;
+        }
+        Ok(dict)
+    }
+
+    /// Re-measures the digest in device memory and checks the seal. Raises `CorruptionError`
+    /// (naming the damaged tensors), `ForgeryError` or `PolicyViolationError` — each stops the
+    /// worker — or `WorkerStoppedError`. Returns a report dict.
+    fn verify<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let report = self.verify_now(py)?;
+        report_dict(py, &report)
+    }
+
+    /// A fresh attestation for `nonce` (16 to 64 bytes): the DSSE envelope as a JSON string,
+    /// checkable with `vram-residency attest verify --public-key`.
+    pub fn attest(&self, py: Python<'_>, nonce: &[u8]) -> PyResult<String> {
+        let shard = self.get()?;
+        let manager = Arc::clone(&self.manager);
+        let nonce = nonce.to_vec();
+        let envelope = py
+            .detach(move || manager.attest(&shard, &nonce))
+            .map_err(|e| to_py(py, e))?;
+        Ok(envelope.to_json().to_string())
+    }
+
+    /// True when `[address, address + nbytes)` lies inside this shard's memory: lets a caller
+    /// check that a framework tensor (`t.data_ptr()`, `t.nbytes`) aliases the sealed bytes rather
+    /// than a copy, without this package ever revealing an address.
+    pub fn holds(&self, address: u64, nbytes: u64) -> PyResult<bool> {
+        self.get()?
+            .holds(address, nbytes)
+            .map_err(|e| crate::errors::VramResidencyError::new_err(e.to_string()))
+    }
+
+    /// Raises `WorkerStoppedError` when the worker stopped (cheap: no verification).
+    pub fn ensure_running(&self) -> PyResult<()> {
+        ensure_running(&self.manager)
+    }
+
+    /// Frees the shard's device memory. Raises `ShardInUseError` while tensors lent from it are
+    /// alive. Evicting twice is a no-op.
+    fn evict(&self, py: Python<'_>) -> PyResult<()> {
+        self.evict_now(py)
+    }
+
+    fn __repr__(&self) -> String {
+        match self.get() {
+            Ok(shard) => format!(
+                "Shard({}, {}, {} bytes, {} on gpu {})",
+                self.shard_id,
+                shard.digest(),
+                shard.vram_bytes(),
+                shard.backend().name(),
+                shard.gpu_device()
+            ),
+            Err(_) => format!("Shard({}, evicted)", self.shard_id),
+        }
+    }
+}
+
+/// The shards of one checkpoint, one per `*.safetensors` file, in file-name order.
+#[pyclass(frozen, module = "vram_residency._native", name = "Model")]
+pub struct Model {
+    shards: Vec<Py<Shard>>,
+    files: Vec<String>,
+    model_ref: String,
+}
+
+impl Model {
+    pub const fn new(shards: Vec<Py<Shard>>, files: Vec<String>, model_ref: String) -> Self {
+        Self {
+            shards,
+            files,
+            model_ref,
+        }
+    }
+}
+
+#[pymethods]
+impl Model {
+    /// The sealed shards, in file order.
+    #[getter]
+    fn shards<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.shards.iter().map(|s| s.clone_ref(py)))
+    }
+
+    /// The file names, in shard order.
+    #[getter]
+    fn files(&self) -> Vec<String> {
+        self.files.clone()
+    }
+
+    /// The model reference recorded in every shard's seal.
+    #[getter]
+    fn model_ref(&self) -> &str {
+        &self.model_ref
+    }
+
+    /// Total bytes of all shards.
+    #[getter]
+    fn nbytes(&self, py: Python<'_>) -> PyResult<u64> {
+        let mut total = 0u64;
+        for shard in &self.shards {
+            total = total.saturating_add(shard.bind(py).get().get()?.vram_bytes());
+        }
+        Ok(total)
+    }
+
+    /// Verifies every shard (CI-007), then returns every tensor of the model (name -> `Tensor`).
+    fn tensors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for shard in &self.shards {
+            for tensor in shard.bind(py).get().lend_tensors(py)? {
+                let name = tensor.name_str().to_owned();
+                dict.set_item(name, Bound::new(py, tensor)?)?;
+            }
+        }
+        Ok(dict)
+    }
+
+    /// Verifies every shard in device memory; raises on the first failure (see `Shard.verify`).
+    /// Returns a summary dict (`bytes`, `seconds`, `gb_per_s`, `shards`: the per-shard reports).
+    fn verify<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let started = std::time::Instant::now();
+        let reports = PyList::empty(py);
+        let mut bytes = 0u64;
+        for shard in &self.shards {
+            let report = shard.bind(py).get().verify_now(py)?;
+            bytes = bytes.saturating_add(report.vram_bytes);
+            reports.append(report_dict(py, &report)?)?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let dict = PyDict::new(py);
+        dict.set_item("bytes", bytes)?;
+        dict.set_item("seconds", seconds)?;
+        dict.set_item(
+            "gb_per_s",
+            if seconds > 0.0 {
+                bytes as f64 / seconds / 1e9
+            } else {
+                0.0
+            },
+        )?;
+        dict.set_item("shards", reports)?;
+        Ok(dict)
+    }
+
+    /// One fresh attestation per shard for `nonce` (a model-level attestation is future work).
+    fn attest(&self, py: Python<'_>, nonce: &[u8]) -> PyResult<Vec<String>> {
+        self.shards
+            .iter()
+            .map(|s| s.bind(py).get().attest(py, nonce))
+            .collect()
+    }
+
+    /// Evicts every shard; raises `ShardInUseError` (evicting nothing further) while tensors lent
+    /// from a shard are alive.
+    fn evict(&self, py: Python<'_>) -> PyResult<()> {
+        for shard in &self.shards {
+            shard.bind(py).get().evict_now(py)?;
+        }
+        Ok(())
+    }
+
+    /// True when `[address, address + nbytes)` lies inside one shard's memory (see `Shard.holds`).
+    fn holds(&self, py: Python<'_>, address: u64, nbytes: u64) -> PyResult<bool> {
+        for shard in &self.shards {
+            if shard.bind(py).get().holds(address, nbytes)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Raises `WorkerStoppedError` when the worker stopped (cheap: no verification).
+    fn ensure_running(&self, py: Python<'_>) -> PyResult<()> {
+        match self.shards.first() {
+            Some(shard) => shard.bind(py).get().ensure_running(),
+            None => Ok(()),
+        }
+    }
+
+    fn __len__(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Model({:?}, {} shard(s): {})",
+            self.model_ref,
+            self.shards.len(),
+            self.files.join(", ")
+        )
+    }
+}
+
+/// Raises `WorkerStoppedError` for a stopped worker.
+pub fn ensure_running(manager: &VramManager) -> PyResult<()> {
+    match manager.state() {
+        WorkerState::Running => Ok(()),
+        WorkerState::Stopped { reason } => Err(WorkerStoppedError::new_err(format!(
+            "the worker is stopped: {reason}"
+        ))),
+    }
+}
