@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 use vram_residency::format::FormatChoice;
 use vram_residency::keys::TOKEN_ENV;
 use vram_residency::{
@@ -37,6 +37,7 @@ const TOKEN_FILE_ENV: &str = "VRAM_RESIDENCY_TOKEN_FILE";
 struct Worker {
     manager: Arc<VramManager>,
     kind: BackendKind,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 fn value_error(message: impl Into<String>) -> PyErr {
@@ -76,6 +77,15 @@ fn progress_bar(show: Option<bool>, total: u64, what: &str) -> Option<ProgressBa
 }
 
 impl Worker {
+    fn ensure_open(&self) -> PyResult<()> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(errors::WorkerStoppedError::new_err(
+                "the worker was closed; open a new one",
+            ));
+        }
+        ensure_running(&self.manager)
+    }
+
     fn seal_one(
         &self,
         py: Python<'_>,
@@ -84,7 +94,7 @@ impl Worker {
         mut opts: SealOptions,
         progress: Option<bool>,
     ) -> PyResult<Shard> {
-        ensure_running(&self.manager)?;
+        self.ensure_open()?;
         let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let name = path
             .file_name()
@@ -169,6 +179,7 @@ impl Worker {
         Ok(Self {
             manager: Arc::new(manager),
             kind,
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -268,7 +279,7 @@ impl Worker {
         model_ref: Option<String>,
         progress: Option<bool>,
     ) -> PyResult<Model> {
-        ensure_running(&self.manager)?;
+        self.ensure_open()?;
         let plan = checkpoint::plan(&directory).map_err(CheckpointError::new_err)?;
         let model_ref = model_ref.unwrap_or_else(|| {
             directory
@@ -316,12 +327,33 @@ impl Worker {
         Ok(Model::new(shards, files, model_ref))
     }
 
+    /// Closes the worker: no further seals. Shards sealed before stay usable (verify, tensors,
+    /// evict) until evicted or dropped.
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
+        self.close();
+        false
+    }
+
     fn __repr__(&self) -> String {
         let label = match self.kind {
             BackendKind::Cuda => "cuda",
             BackendKind::Sim => "sim (host memory, not residency)",
         };
-        format!("Worker(backend={label}, state={})", self.state())
+        let state = if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            "closed".to_owned()
+        } else {
+            self.state()
+        };
+        format!("Worker(backend={label}, state={state})")
     }
 }
 
