@@ -276,11 +276,12 @@ struct TestFn {
     at: String,
 }
 
-const TEST_ROOTS: [(&str, &str); 4] = [
+const TEST_ROOTS: [(&str, &str); 5] = [
     ("core", "crates/vram-residency/src"),
     ("cuda", "crates/vram-residency-cuda/src"),
     ("cli", "crates/vram-residency-cli/src"),
     ("api", "crates/vram-residency-cli/tests/api"),
+    ("py", "crates/vram-residency-py/src"),
 ];
 
 fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
