@@ -77,12 +77,12 @@ def greedy(model, prompt):
     return out.sequences, torch.stack(out.logits)
 
 
-def tokens_per_second(model, prompt, runs=3):
+def tokens_per_second(generate, prompt, runs=3):
     best = float("inf")
     for _ in range(runs):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        model.generate(
+        generate(
             prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
             pad_token_id=0,
         )
@@ -121,7 +121,7 @@ def test_gpu_a_transformers_model_runs_on_sealed_vram_bit_identical_to_safetenso
     prompt = torch.randint(3, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(7))
     prompt = prompt.to("cuda:0")
 
-    # Reference: the same checkpoint through safetensors' own loader.
+    # Reference: the same checkpoint through safetensors' own loader (kept for the speed rounds).
     reference = new_model(config)
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
@@ -129,8 +129,6 @@ def test_gpu_a_transformers_model_runs_on_sealed_vram_bit_identical_to_safetenso
     reference.load_state_dict(state, strict=True, assign=True)
     del state
     ref_tokens, ref_logits = greedy(reference, prompt)
-    ref_speed = tokens_per_second(reference, prompt)
-    del reference
     start_free = free_vram()
 
     worker = vr.Worker(token)  # backend="cuda"
@@ -140,16 +138,23 @@ def test_gpu_a_transformers_model_runs_on_sealed_vram_bit_identical_to_safetenso
     assert not result.missing_keys and not result.unexpected_keys, result
     assert vrt.unsealed_parameters(model, sealed) == []
     for name, param in model.named_parameters():
-        assert param.data_ptr() % 256 == 0 or param.numel() * 2 < 256, name
+        assert param.data_ptr() % 256 == 0, name
+    unguarded_generate = model.generate
     model = vrt.guard(model, sealed)
 
     tokens, logits = greedy(model, prompt)
     assert torch.equal(tokens, ref_tokens), "greedy tokens differ from the safetensors loader's"
     assert torch.equal(logits, ref_logits), "logits differ (bitwise) from the safetensors loader's"
-    speed = tokens_per_second(model, prompt)
-    report(f"{NEW_TOKENS} new tokens identical, logits bit-identical ({logits.numel()} values); "
-           f"decode {speed:.1f} tokens/s on sealed VRAM vs {ref_speed:.1f} with safetensors.load_file "
-           f"(best of 3, the guard's verification included)")
+    report(f"{NEW_TOKENS} new tokens identical, logits bit-identical ({logits.numel()} values)")
+
+    # Decode speed, interleaved rounds so that clocks and noise hit all three alike.
+    speeds = {"safetensors.load_file": [], "sealed, guarded": [], "sealed, no verify": []}
+    for _ in range(3):
+        speeds["safetensors.load_file"].append(tokens_per_second(reference.generate, prompt))
+        speeds["sealed, guarded"].append(tokens_per_second(model.generate, prompt))
+        speeds["sealed, no verify"].append(tokens_per_second(unguarded_generate, prompt))
+    report("decode tokens/s (best of 3 rounds x 3 runs): " + ", ".join(
+        f"{k} {max(v):.1f}" for k, v in speeds.items()))
     verify = sealed.verify()
     report(f"verify before a request: {verify['bytes'] / 2**30:.2f} GiB in "
            f"{verify['seconds'] * 1e3:.2f} ms ({verify['gb_per_s']:.0f} GB/s)")
@@ -160,26 +165,29 @@ def test_gpu_a_transformers_model_runs_on_sealed_vram_bit_identical_to_safetenso
 
     # One bit flipped inside one layer's weight from outside the manager (an in-place write
     # through torch, as a stray kernel would do): the next request is refused, naming it.
+    # The byte is in the middle of the tensor (22 MiB), so the damaged 512 KiB range holds it alone.
     victim = "model.layers.5.mlp.down_proj.weight"
     param = dict(model.named_parameters())[victim]
     with torch.no_grad():
-        param.view(torch.uint8).view(-1)[123_457].bitwise_xor_(1 << 3)
+        flat = param.view(torch.uint8).view(-1)
+        flat[flat.numel() // 2 + 12_345].bitwise_xor_(1 << 3)
     torch.cuda.synchronize()
     with pytest.raises(vr.CorruptionError) as caught:
         model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert victim in caught.value.tensors, caught.value.tensors
+    assert caught.value.tensors == [victim], caught.value.tensors
     report(f"bit flip detected before generate: CorruptionError naming {caught.value.tensors}")
     # The worker stopped: no forward pass runs any more, verified or not.
     with pytest.raises(vr.WorkerStoppedError):
         model(prompt)
 
-    del model, param, caught
+    del model, param, flat, caught, unguarded_generate
     gc.collect()
     sealed.evict()
     del sealed, worker
     end_free = free_vram()
     report(f"free VRAM before sealing {start_free}, after eviction {end_free}")
     assert abs(end_free - start_free) <= 16 << 20, (start_free, end_free)
+    del reference
 
 
 def test_gpu_bad_input_leaves_nothing_allocated(tmp_path):

@@ -106,7 +106,7 @@ pub struct BackendArgs {
     /// weights do not stay in host RAM) (cuda only).
     #[arg(long, env = "VRAM_RESIDENCY_KEEP_PAGE_CACHE")]
     pub keep_page_cache: bool,
-    /// Reader threads of the staging ring (default: cores, at most 8) (cuda only).
+    /// Reader threads of the staging ring (default: cores, at most 16) (cuda only).
     #[arg(long, env = "VRAM_RESIDENCY_STAGING_READERS")]
     pub staging_readers: Option<usize>,
     /// Size of one pinned staging buffer, a multiple of 4096 (cuda only); two per reader.
