@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import json
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -298,3 +299,34 @@ def test_worker_bad_input_is_a_clear_python_exception(tmp_path, token_file, monk
     with pytest.raises(vr.WorkerStoppedError, match="closed"):
         worker.seal_file(FIXTURES / "tiny.safetensors")
     assert "closed" in repr(worker)
+
+
+def test_background_verification_passes_and_a_corruption_stops_the_worker(sim_worker, tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = {"big": np.arange(1 << 20, dtype=np.float32), "small": np.ones(8, np.float32)}
+    save_file(tensors, str(path))
+    shard = sim_worker.seal_file(path)
+    with pytest.raises(TypeError):
+        sim_worker.verify_in_background("not a shard")
+    background = sim_worker.verify_in_background(shard, sms=8)
+    deadline = time.monotonic() + 20
+    while background.stats()["passes"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = background.stats()
+    assert stats["passes"] >= 2 and stats["running"], stats
+    assert stats["mechanism"] == "unconfined"  # sim: no GPU to share
+    assert stats["bytes"] >= 2 * shard.nbytes
+    # Corrupt the sealed memory from outside; the background verifier finds it and stops the
+    # worker, like any failed verification.
+    array = np.from_dlpack(shard.tensors()["big"])
+    byte = ctypes.c_uint8.from_address(array.ctypes.data + (2 << 20) + 5)
+    byte.value ^= 1
+    while background.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = background.stop()
+    assert not stats["running"]
+    assert "corruption" in (stats["incident"] or ""), stats
+    assert sim_worker.state.startswith("stopped")
+    with pytest.raises(vr.WorkerStoppedError):
+        shard.verify()
+    byte.value ^= 1

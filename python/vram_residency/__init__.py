@@ -14,9 +14,11 @@ Quick start::
     sealed = worker.seal_checkpoint("Qwen2-1.5B/")     # one shard per *.safetensors file
     vrt.load_into(model, sealed)                       # zero-copy: parameters ARE the sealed memory
     model = vrt.guard(model, sealed)                   # re-verified in VRAM before each generate()
+    background = worker.verify_in_background(sealed, sms=8)   # and continuously, on 8 SMs
 """
 
 from ._native import (
+    BackgroundVerification,
     CheckpointError,
     CorruptionError,
     DigestMismatchError,
@@ -35,6 +37,7 @@ from ._native import (
 )
 
 __all__ = [
+    "BackgroundVerification",
     "CheckpointError",
     "CorruptionError",
     "DigestMismatchError",

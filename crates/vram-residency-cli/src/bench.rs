@@ -223,7 +223,8 @@ fn bench_size(
             human(size),
             args.verify_runs
         );
-        verify_a8 = Some(verify_padded(cuda.gpu(args.gpu)?, size, 8, args.verify_runs)?.gb_per_s());
+        verify_a8 =
+            Some(verify_padded(cuda.hasher(args.gpu)?, size, 8, args.verify_runs)?.gb_per_s());
     }
     let (mut seed_seal_gbps, mut seed_verify_gbps) = (None, None);
     if let (Some(cuda), false) = (cuda, args.skip_seed) {

@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use vram_residency::backend::AllocationId;
 use vram_residency::{
     Backend, BackendKind, DeviceBuffer, DeviceInfo, Residency, TreeDigest, VramError, Weights,
-    backend::image_padding,
+    backend::{Confinement, SmBudget, image_padding},
 };
 
 use crate::device::{Device, device_count, driver_version, init_driver};
 use crate::error::CudaError;
+use crate::hasher::Hasher;
+use crate::policy;
 use crate::staging::{self, StagingConfig};
 use crate::vram::VramBuffer;
-use crate::{policy, tree};
 
 /// Settings of the CUDA backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +32,7 @@ type LiveMap = HashMap<AllocationId, Weak<VramBuffer>>;
 /// there is none), finds the GPUs and retains their primary contexts.
 pub struct CudaBackend {
     devices: Vec<Arc<Device>>,
+    hashers: Vec<Arc<Hasher>>,
     config: CudaConfig,
     driver: String,
     next_id: AtomicU64,
@@ -60,8 +62,13 @@ impl CudaBackend {
         let devices = (0..count)
             .map(|index| Device::open(index).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let hashers = devices
+            .iter()
+            .map(|d| Arc::new(Hasher::new(Arc::clone(d))))
+            .collect();
         Ok(Self {
             devices,
+            hashers,
             config,
             driver: driver_version()?,
             next_id: AtomicU64::new(1),
@@ -89,11 +96,26 @@ impl CudaBackend {
             })
     }
 
-    /// Frees what the backend keeps for reuse (digest workspaces: scratch VRAM and streams). Free
-    /// VRAM is then what it was before the first verification, minus live shards.
+    /// The hasher of device `gpu` (kernel, digest workspaces, confined lanes).
+    ///
+    /// # Errors
+    /// [`CudaError::InvalidGpu`].
+    pub fn hasher(&self, gpu: u32) -> Result<&Arc<Hasher>, CudaError> {
+        usize::try_from(gpu)
+            .ok()
+            .and_then(|i| self.hashers.get(i))
+            .ok_or(CudaError::InvalidGpu {
+                gpu,
+                count: u32::try_from(self.hashers.len()).unwrap_or(u32::MAX),
+            })
+    }
+
+    /// Frees what the backend keeps for reuse (digest workspaces: scratch VRAM and streams; the
+    /// confined lanes). Free VRAM is then what it was before the first verification, minus live
+    /// shards.
     pub fn trim_caches(&self) {
-        for device in &self.devices {
-            device.trim_caches();
+        for hasher in &self.hashers {
+            hasher.trim();
         }
     }
 
@@ -153,6 +175,7 @@ impl Backend for CudaBackend {
         data_offset: u64,
     ) -> vram_residency::Result<Box<dyn DeviceBuffer>> {
         let device = Arc::clone(self.gpu(gpu)?);
+        let hasher = Arc::clone(self.hasher(gpu)?);
         let padding = image_padding(data_offset);
         let buffer = VramBuffer::alloc_padded(&device.ctx, bytes, padding).map_err(|error| {
             VramError::AllocationFailed {
@@ -169,6 +192,7 @@ impl Backend for CudaBackend {
             .insert(id, Arc::downgrade(&buffer));
         Ok(Box::new(CudaShard {
             device,
+            hasher,
             buffer,
             id,
             staging: self.config.staging,
@@ -180,6 +204,7 @@ impl Backend for CudaBackend {
 /// One shard's VRAM.
 struct CudaShard {
     device: Arc<Device>,
+    hasher: Arc<Hasher>,
     buffer: Arc<VramBuffer>,
     id: AllocationId,
     staging: StagingConfig,
@@ -236,7 +261,14 @@ impl DeviceBuffer for CudaShard {
     }
 
     fn tree_digest(&self) -> vram_residency::Result<TreeDigest> {
-        Ok(tree::measure(&self.device, &self.buffer)?)
+        Ok(self.hasher.measure(&self.buffer)?)
+    }
+
+    fn tree_digest_within(
+        &self,
+        budget: SmBudget,
+    ) -> vram_residency::Result<(TreeDigest, Confinement)> {
+        Ok(self.hasher.measure_within(&self.buffer, budget)?)
     }
 
     fn residency(&self) -> vram_residency::Result<Residency> {

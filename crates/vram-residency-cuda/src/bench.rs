@@ -165,7 +165,13 @@ pub fn seed_seal(device: &Device, path: &std::path::Path) -> Result<(Timed, [u8;
 ///
 /// # Errors
 /// [`CudaError::Driver`], [`CudaError::OutOfBounds`].
-pub fn verify_padded(device: &Device, bytes: u64, padding: u64, runs: usize) -> Result<Timed> {
+pub fn verify_padded(
+    hasher: &crate::hasher::Hasher,
+    bytes: u64,
+    padding: u64,
+    runs: usize,
+) -> Result<Timed> {
+    let device = hasher.device();
     let vram = VramBuffer::alloc_padded(&device.ctx, bytes, padding)?;
     let n = usize::try_from(bytes).map_err(|_| CudaError::OutOfBounds { what: "size" })?;
     device.bind()?;
@@ -175,7 +181,7 @@ pub fn verify_padded(device: &Device, bytes: u64, padding: u64, runs: usize) -> 
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let started = Instant::now();
-        crate::tree::measure(device, &vram)?;
+        hasher.measure(&vram)?;
         best = best.min(started.elapsed().as_secs_f64());
     }
     Ok(Timed {

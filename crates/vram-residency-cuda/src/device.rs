@@ -1,7 +1,7 @@
 //! Finding the driver and the devices, and what each device is (VP-001: integrated or discrete,
 //! ECC on or off).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, sys};
 use vram_residency::DeviceInfo;
@@ -84,7 +84,7 @@ pub fn device_count() -> Result<u32> {
     Ok(u32::try_from(count).unwrap_or(0))
 }
 
-/// One GPU: its primary context, what it is, and the hashing kernel once compiled for it.
+/// One GPU: its primary context and what it is. (Hashing on it is [`crate::hasher::Hasher`]'s.)
 pub struct Device {
     pub(crate) ctx: Arc<CudaContext>,
     index: u32,
@@ -96,10 +96,6 @@ pub struct Device {
     integrated: bool,
     unified_memory: vram_residency::UnifiedMemoryFacts,
     multiprocessors: u32,
-    /// The fs-verity kernel, compiled with NVRTC on first use and kept for the process's lifetime.
-    pub(crate) kernel: Mutex<Option<crate::kernels::HashKernels>>,
-    /// Digest workspaces kept for reuse (see [`crate::tree`]).
-    pub(crate) workspaces: Mutex<Vec<crate::tree::Workspace>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -182,8 +178,6 @@ impl Device {
             integrated: integrated != 0,
             unified_memory,
             multiprocessors: u32::try_from(multiprocessors).unwrap_or(1).max(1),
-            kernel: Mutex::new(None),
-            workspaces: Mutex::new(Vec::new()),
         })
     }
 
@@ -246,25 +240,6 @@ impl Device {
         self.ctx
             .bind_to_thread()
             .map_err(CudaError::driver("cuCtxSetCurrent"))
-    }
-
-    /// Frees the digest workspaces kept for reuse.
-    pub fn trim_caches(&self) {
-        self.workspaces
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-    }
-
-    /// The compiled kernel, compiling it on first use.
-    pub(crate) fn kernel(&self) -> Result<crate::kernels::HashKernels> {
-        let mut slot = self.kernel.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(function) = slot.as_ref() {
-            return Ok(function.clone());
-        }
-        let function = crate::kernels::compile(self)?;
-        *slot = Some(function.clone());
-        Ok(function)
     }
 }
 

@@ -53,6 +53,9 @@ pub enum CudaError {
     /// A staging reader thread died unexpectedly.
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// The driver or device cannot do what was asked (e.g. green contexts on an old driver).
+    #[error("not supported here: {0}")]
+    Unsupported(String),
     /// Reading the model file failed.
     #[error("reading the model file failed: {0}")]
     Io(#[from] std::io::Error),

@@ -1,10 +1,12 @@
 //! The fs-verity hashing kernel (`kernels/fsverity.cu`): compiled with NVRTC for the present device
 //! on first use, cached per device for the life of the process, and launched here.
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _};
-use cudarc::nvrtc::{CompileError, CompileOptions, compile_ptx_with_opts};
+use std::sync::Arc;
 
-use crate::device::{Device, nvrtc_present};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx, compile_ptx_with_opts};
+
+use crate::device::nvrtc_present;
 use crate::error::{CudaError, Result};
 
 /// The kernel source, compiled at run time.
@@ -45,12 +47,15 @@ impl HashKernels {
 /// Threads per block of the launch (the kernel's `__launch_bounds__`).
 pub const THREADS_PER_BLOCK: u32 = 256;
 
-/// Compiles the kernel for `device` (`compute_XY` of its compute capability) and loads it.
-pub(crate) fn compile(device: &Device) -> Result<HashKernels> {
+/// Entry points by name, for loading the module into another context (a green context).
+pub(crate) const ENTRIES: [&str; 2] = [ENTRY, ENTRY_A8];
+
+/// Compiles the kernel to PTX for compute capability `(major, minor)` (`compute_XY`).
+pub(crate) fn ptx(compute_capability: (i32, i32)) -> Result<Ptx> {
     if !nvrtc_present() {
         return Err(CudaError::NvrtcMissing);
     }
-    let (major, minor) = device.compute_capability();
+    let (major, minor) = compute_capability;
     let options = CompileOptions {
         options: vec![
             format!("--gpu-architecture=compute_{major}{minor}"),
@@ -60,15 +65,19 @@ pub(crate) fn compile(device: &Device) -> Result<HashKernels> {
         name: Some("fsverity.cu".to_owned()),
         ..CompileOptions::default()
     };
-    let ptx = compile_ptx_with_opts(FSVERITY_CU, options).map_err(|error| CudaError::Compile {
+    compile_ptx_with_opts(FSVERITY_CU, options).map_err(|error| CudaError::Compile {
         log: match error {
             CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
             other => other.to_string(),
         },
-    })?;
-    device.bind()?;
-    let module = device
-        .ctx
+    })
+}
+
+/// Loads `ptx` (from [`ptx`]) into `ctx` and returns both entry points.
+pub(crate) fn load(ctx: &Arc<CudaContext>, ptx: Ptx) -> Result<HashKernels> {
+    ctx.bind_to_thread()
+        .map_err(CudaError::driver("cuCtxSetCurrent"))?;
+    let module = ctx
         .load_module(ptx)
         .map_err(CudaError::driver("cuModuleLoadData"))?;
     let load = |entry| {

@@ -13,8 +13,9 @@
 //! A shard's path: [`staging`] streams the file through pinned buffers into a [`vram::VramBuffer`]
 //! (`cuMemAlloc`), [`policy`] checks with `cuPointerGetAttribute` that it is plain device memory,
 //! [`tree`] measures its fs-verity digest on the GPU with the kernel in `kernels/fsverity.cu`
-//! ([`kernels`], compiled by NVRTC on first use), and [`bench`] measures all of it against the
-//! seed's method and the hardware's ceilings.
+//! ([`kernels`], compiled by NVRTC on first use) where the device's [`hasher`] says (the whole GPU,
+//! or a confined [`lane`] of a few SMs for background verification), and [`bench`] measures all of
+//! it against the seed's method and the hardware's ceilings.
 //!
 //! The driver library is looked for before the first driver call (cudarc panics without it);
 //! without a driver or NVRTC every entry point returns a clear error.
@@ -35,7 +36,9 @@ pub mod device;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
+pub mod hasher;
 pub mod kernels;
+pub mod lane;
 pub mod pinned;
 pub mod policy;
 pub mod staging;

@@ -15,15 +15,15 @@
 //! host a few tens of µs for a 1 GiB shard. Scratch VRAM: two window-sized hash buffers
 //! (`2 × window / 128`, at most `len / 256 + 8 KiB` for shards over 2 MiB) and the level-1 array
 //! (`len / 16384`): together well under `len / 128`, plus a small constant. It lives in one
-//! allocation with two streams (a [`Workspace`]), kept per device for reuse, so a verification
-//! allocates and frees nothing.
+//! allocation with two streams (a [`Workspace`]), kept per device for reuse by
+//! [`crate::hasher::Hasher`], so a verification allocates and frees nothing. A confined lane
+//! ([`crate::lane`]) runs the same passes on one stream ([`measure_on_lane`]).
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaContext, CudaStream};
 use vram_residency::digest::{HASH_SIZE, LEVEL1_SPAN, TreeDigest};
 
-use crate::device::Device;
 use crate::error::{CudaError, Result};
 use crate::kernels::{HashKernels, launch_hash_blocks};
 use crate::vram::VramBuffer;
@@ -89,35 +89,18 @@ impl Layout {
     }
 }
 
-/// Two streams and one scratch allocation, kept per device for reuse: a verification then
-/// allocates, frees and creates nothing (allocation and free cost time, and a free synchronises
-/// the device). At most [`MAX_POOLED`] per device are kept; [`crate::CudaBackend::trim_caches`]
-/// frees them.
+/// Two streams and one scratch allocation, kept per device for reuse by
+/// [`crate::hasher::Hasher`]: a verification then allocates, frees and creates nothing (allocation
+/// and free cost time, and a free synchronises the device).
 pub(crate) struct Workspace {
     main: Arc<CudaStream>,
     second: Arc<CudaStream>,
     arena: VramBuffer,
 }
 
-/// Workspaces kept per device.
-pub(crate) const MAX_POOLED: usize = 4;
-
 impl Workspace {
-    /// A pooled workspace with at least `bytes` of scratch, or a new one.
-    fn take(device: &Device, bytes: u64) -> Result<Self> {
-        let pooled = {
-            let mut pool = device
-                .workspaces
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            pool.iter()
-                .position(|w| w.arena.len() >= bytes)
-                .map(|index| pool.swap_remove(index))
-        };
-        if let Some(workspace) = pooled {
-            return Ok(workspace);
-        }
-        let ctx = &device.ctx;
+    /// A new workspace with `bytes` of scratch on `ctx`.
+    pub(crate) fn new(ctx: &Arc<CudaContext>, bytes: u64) -> Result<Self> {
         let stream = || {
             ctx.new_stream()
                 .map_err(CudaError::driver("cuStreamCreate"))
@@ -129,45 +112,127 @@ impl Workspace {
         })
     }
 
-    /// Back to the pool (both streams are idle: callers synchronise them first). When the pool is
-    /// full the smallest workspace is freed.
-    fn give_back(self, device: &Device) {
-        let mut pool = device
-            .workspaces
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        pool.push(self);
-        if pool.len() > MAX_POOLED
-            && let Some(smallest) = pool
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, w)| w.arena.len())
-                .map(|(index, _)| index)
-        {
-            drop(pool.swap_remove(smallest));
-        }
+    /// Bytes of scratch.
+    pub(crate) const fn bytes(&self) -> u64 {
+        self.arena.len()
     }
 }
 
-/// Measures the fs-verity digest of `buffer` on `device`'s GPU.
+/// Scratch bytes a workspace needs to measure a shard of `len` bytes.
+pub(crate) fn workspace_bytes(len: u64) -> u64 {
+    Layout::for_plan(&WindowPlan::for_len(len), len.div_ceil(SPAN)).total
+}
+
+/// A place to queue the kernel other than a workspace's two streams: a confined lane
+/// ([`crate::lane::Lane`]), one stream, possibly a capped grid.
+pub(crate) trait Launcher {
+    /// Queues `fsverity_hash_blocks(data, data_len, out)` on the lane.
+    ///
+    /// # Safety
+    /// As [`launch_hash_blocks`]; the caller synchronises the lane before reading `out`.
+    unsafe fn hash_blocks(&self, data: u64, data_len: u64, out: u64) -> Result<()>;
+
+    /// Waits for everything queued on the lane.
+    fn sync(&self) -> Result<()>;
+}
+
+/// Measures `buffer` on a confined lane: the same windows, passes and result as [`measure`], one
+/// stream, `arena` (a workspace's scratch) for the block and level-1 hashes.
+pub(crate) fn measure_on_lane(
+    lane: &dyn Launcher,
+    workspace: &Workspace,
+    buffer: &VramBuffer,
+) -> Result<TreeDigest> {
+    let len = buffer.len();
+    let plan = WindowPlan::for_len(len);
+    let layout = Layout::for_plan(&plan, len.div_ceil(SPAN));
+    let arena = &workspace.arena;
+    if arena.len() < layout.total {
+        return Err(CudaError::Internal("lane workspace too small"));
+    }
+    let queued = (|| -> Result<()> {
+        for index in 0..plan.count {
+            let offset = index.saturating_mul(plan.window);
+            let window_len = plan.window.min(len.saturating_sub(offset));
+            let data = buffer.checked_range(offset, window_len)?;
+            let block_hashes = window_len.div_ceil(BLOCK).saturating_mul(HASH);
+            if len.div_ceil(BLOCK) <= 1 {
+                let out = arena.checked_range(layout.level1, HASH)?;
+                // SAFETY: `data` holds `len` bytes and `out` room for the one 32-byte hash; the
+                // lane is synchronised below before the hash is read.
+                unsafe { lane.hash_blocks(data, window_len, out) }?;
+                break;
+            }
+            let scratch = arena.checked_range(layout.scratch[0], block_hashes)?;
+            let out = arena.checked_range(
+                layout
+                    .level1
+                    .saturating_add((offset / SPAN).saturating_mul(HASH)),
+                block_hashes.div_ceil(BLOCK).saturating_mul(HASH),
+            )?;
+            // SAFETY: as in `queue_windows`; one stream, so the next window's data pass is
+            // ordered after this window's level-1 pass and the one scratch area is reused safely.
+            unsafe {
+                lane.hash_blocks(data, window_len, scratch)?;
+                lane.hash_blocks(scratch, block_hashes, out)?;
+            }
+        }
+        Ok(())
+    })();
+    let synced = lane.sync();
+    queued?;
+    synced?;
+    let level1_count = len.div_ceil(SPAN);
+    let mut hashes = vec![
+        0u8;
+        usize::try_from(level1_count.saturating_mul(HASH)).map_err(|_| {
+            CudaError::OutOfBounds {
+                what: "level-1 size",
+            }
+        })?
+    ];
+    arena.read(layout.level1, &mut hashes)?;
+    let level1 = hashes
+        .chunks_exact(HASH_SIZE)
+        .map(|h| {
+            let mut hash = [0u8; HASH_SIZE];
+            hash.copy_from_slice(h);
+            hash
+        })
+        .collect();
+    TreeDigest::from_level1(level1, len).map_err(|_| CudaError::Internal("level-1 count"))
+}
+
+/// Measures the fs-verity digest of `buffer` with `kernels` on `workspace` (which must have
+/// [`workspace_bytes`] of scratch). Returns whether the workspace may be reused (its streams are
+/// idle) with the result.
 ///
 /// # Errors
-/// [`CudaError::Driver`] on a failed allocation, launch or copy; [`CudaError::Compile`] /
-/// [`CudaError::NvrtcMissing`] the first time, if the kernel cannot be built.
-pub fn measure(device: &Device, buffer: &VramBuffer) -> Result<TreeDigest> {
+/// [`CudaError::Driver`] on a failed launch or copy.
+pub(crate) fn measure(
+    kernels: &HashKernels,
+    workspace: &Workspace,
+    buffer: &VramBuffer,
+) -> (bool, Result<TreeDigest>) {
     let len = buffer.len();
-    let function = device.kernel()?;
-    device.bind()?;
     let plan = WindowPlan::for_len(len);
     let level1_count = len.div_ceil(SPAN);
     let layout = Layout::for_plan(&plan, level1_count);
-    let workspace = Workspace::take(device, layout.total)?;
-    let measured = measure_in(&function, buffer, &plan, &layout, &workspace);
+    if workspace.arena.len() < layout.total {
+        return (true, Err(CudaError::Internal("workspace too small")));
+    }
+    let measured = measure_in(kernels, buffer, &plan, &layout, workspace);
     // Whatever happened, nothing may still run on the workspace when it is reused or freed.
     let synced = sync(&workspace.second).and(sync(&workspace.main));
-    if synced.is_ok() {
-        workspace.give_back(device);
-    }
+    let reusable = synced.is_ok();
+    (reusable, finish(measured, synced, len))
+}
+
+fn finish(
+    measured: Result<Vec<[u8; HASH_SIZE]>>,
+    synced: Result<()>,
+    len: u64,
+) -> Result<TreeDigest> {
     let level1 = measured?;
     synced?;
     // The levels above level 1, on the host (see the module docs).

@@ -18,6 +18,7 @@ use vram_residency::{
     ShardId, SimBackend, SimConfig, VramError, VramManager, WorkerState, WorkerToken,
 };
 
+mod background;
 mod checkpoint;
 mod errors;
 mod shard;
@@ -137,27 +138,25 @@ impl Worker {
             .parse()
             .map_err(|e: VramError| value_error(e.to_string()))?;
         let token = read_token(token_file).map_err(|e| to_py(py, e))?;
-        let built = py.detach(
-            || -> Result<Opened, VramError> {
-                let backend: Arc<dyn Backend> = match kind {
-                    BackendKind::Sim => Arc::new(SimBackend::new(SimConfig {
-                        devices: sim_devices,
-                        bytes_per_device: sim_bytes_per_device,
-                    })),
-                    BackendKind::Cuda => Arc::new(
-                        vram_residency_cuda::CudaBackend::new(
-                            vram_residency_cuda::CudaConfig::default(),
-                        )
-                        .map_err(VramError::from)?,
-                    ),
-                };
-                let sink: Arc<dyn AuditSink> = match &audit_log {
-                    Some(path) => Arc::new(AuditLog::open(path, &token, kind)?.0),
-                    None => Arc::new(NoAuditSink),
-                };
-                Ok((backend, sink))
-            },
-        );
+        let built = py.detach(|| -> Result<Opened, VramError> {
+            let backend: Arc<dyn Backend> = match kind {
+                BackendKind::Sim => Arc::new(SimBackend::new(SimConfig {
+                    devices: sim_devices,
+                    bytes_per_device: sim_bytes_per_device,
+                })),
+                BackendKind::Cuda => Arc::new(
+                    vram_residency_cuda::CudaBackend::new(
+                        vram_residency_cuda::CudaConfig::default(),
+                    )
+                    .map_err(VramError::from)?,
+                ),
+            };
+            let sink: Arc<dyn AuditSink> = match &audit_log {
+                Some(path) => Arc::new(AuditLog::open(path, &token, kind)?.0),
+                None => Arc::new(NoAuditSink),
+            };
+            Ok((backend, sink))
+        });
         let (backend, sink) = built.map_err(|e| to_py(py, e))?;
         if kind == BackendKind::Sim {
             let warnings = py.import("warnings")?;
@@ -330,7 +329,8 @@ impl Worker {
     /// Closes the worker: no further seals. Shards sealed before stay usable (verify, tensors,
     /// evict) until evicted or dropped.
     fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -341,6 +341,43 @@ impl Worker {
     fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> bool {
         self.close();
         false
+    }
+
+    /// Starts re-verifying `sealed` (a `Shard` or a `Model`) in VRAM continuously, round-robin,
+    /// each digest confined to `sms` SMs (cuda: a green context, or a bounded grid where green
+    /// contexts are missing; `stats()["mechanism"]` says which), pausing `pause` seconds after
+    /// each pass. A corruption found in the background stops the worker like any failed
+    /// verification (so a guarded model refuses to run). Watching never keeps a shard alive.
+    #[pyo3(signature = (sealed, *, sms=8, pause=0.0))]
+    fn verify_in_background(
+        &self,
+        sealed: &Bound<'_, PyAny>,
+        sms: u32,
+        pause: f64,
+    ) -> PyResult<background::BackgroundVerification> {
+        let py = sealed.py();
+        let pause = std::time::Duration::try_from_secs_f64(pause)
+            .map_err(|_| value_error("pause must be a non-negative number of seconds"))?;
+        let shards: Vec<Arc<vram_residency::SealedShard>> =
+            if let Ok(shard) = sealed.cast::<Shard>() {
+                vec![shard.get().get()?]
+            } else if let Ok(model) = sealed.cast::<Model>() {
+                model.get().held(py)?
+            } else {
+                return Err(pyo3::exceptions::PyTypeError::new_err(
+                    "verify_in_background takes a Shard or a Model",
+                ));
+            };
+        let verifier = vram_residency::BackgroundVerifier::start(
+            Arc::clone(&self.manager),
+            vram_residency::SmBudget { sms },
+            pause,
+        )
+        .map_err(|e| to_py(py, e))?;
+        for shard in &shards {
+            verifier.watch(shard);
+        }
+        Ok(background::BackgroundVerification::new(verifier))
     }
 
     fn __repr__(&self) -> String {
@@ -364,6 +401,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Shard>()?;
     m.add_class::<Model>()?;
     m.add_class::<tensor::Tensor>()?;
+    m.add_class::<background::BackgroundVerification>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Referenced so that the base class is documented as the catch-all.

@@ -261,6 +261,13 @@ impl Model {
     }
 }
 
+impl Model {
+    /// Every shard (an error once one was evicted).
+    pub fn held(&self, py: Python<'_>) -> PyResult<Vec<Arc<SealedShard>>> {
+        self.shards.iter().map(|s| s.bind(py).get().get()).collect()
+    }
+}
+
 #[pymethods]
 impl Model {
     /// The sealed shards, in file order.

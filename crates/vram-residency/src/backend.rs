@@ -263,6 +263,16 @@ pub trait DeviceBuffer: Send + Sync {
     /// Backend errors.
     fn tree_digest(&self) -> Result<TreeDigest>;
 
+    /// [`tree_digest`](Self::tree_digest) confined to `budget` (for background verification
+    /// beside a running model), and how it was confined. The default measures unconfined.
+    ///
+    /// # Errors
+    /// Backend errors.
+    fn tree_digest_within(&self, budget: SmBudget) -> Result<(TreeDigest, Confinement)> {
+        let _ = budget;
+        Ok((self.tree_digest()?, Confinement::Unconfined))
+    }
+
     /// Checks where the bytes live (VP-001/003/005).
     ///
     /// # Errors
@@ -282,6 +292,33 @@ pub trait DeviceBuffer: Send + Sync {
     /// # Errors
     /// [`VramError::InvalidInput`] when `len` is larger than the buffer; backend errors.
     fn read_prefix(&self, len: u64) -> Result<Vec<u8>>;
+}
+
+/// A limit on the GPU a background verification may use: `sms` streaming multiprocessors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SmBudget {
+    /// Streaming multiprocessors (at least 1; the CUDA backend may round up to the device's
+    /// partition granularity, e.g. 8 on Hopper).
+    pub sms: u32,
+}
+
+/// How a budgeted digest was confined to its [`SmBudget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "mechanism")]
+pub enum Confinement {
+    /// A green context of `sms` SMs: the hardware keeps the kernel on them.
+    GreenContext {
+        /// SMs granted.
+        sms: u32,
+    },
+    /// The kernel's grid capped at what `sms` SMs hold, on a lowest-priority stream (where green
+    /// contexts are missing).
+    BoundedGrid {
+        /// SMs' worth of blocks.
+        sms: u32,
+    },
+    /// Not confined (the `sim` backend: no GPU to share).
+    Unconfined,
 }
 
 /// Where tensor data is placed in device memory: the data section of a file image starts on a
@@ -313,11 +350,18 @@ mod padding_tests {
     fn padding_puts_the_data_section_on_a_256_byte_boundary_and_keeps_8_byte_alignment() {
         for data_offset in (0..2048_u64).step_by(8) {
             let pad = image_padding(data_offset);
-            assert!(pad < DATA_ALIGNMENT && pad.is_multiple_of(8), "{data_offset}: {pad}");
+            assert!(
+                pad < DATA_ALIGNMENT && pad.is_multiple_of(8),
+                "{data_offset}: {pad}"
+            );
             assert_eq!((pad + data_offset) % DATA_ALIGNMENT, 0, "{data_offset}");
         }
         assert_eq!(image_padding(0), 0);
-        assert_eq!(image_padding(256 + 3), 0, "unaligned data sections get no padding");
+        assert_eq!(
+            image_padding(256 + 3),
+            0,
+            "unaligned data sections get no padding"
+        );
     }
 }
 

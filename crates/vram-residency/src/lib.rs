@@ -99,6 +99,7 @@ pub mod attestation;
 pub mod audit;
 pub mod audit_log;
 pub mod backend;
+pub mod background;
 pub mod capacity;
 pub mod digest;
 #[cfg(test)]
@@ -121,9 +122,10 @@ pub use audit::{
 };
 pub use audit_log::AuditLog;
 pub use backend::{
-    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency,
-    UnifiedMemoryFacts,
+    Backend, BackendKind, Confinement, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict,
+    Residency, SmBudget, UnifiedMemoryFacts,
 };
+pub use background::{BackgroundStats, BackgroundVerifier};
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
 pub use keys::{BearerCheck, PublicKey, WorkerToken};

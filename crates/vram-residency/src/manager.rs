@@ -18,7 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::attestation::{Attestation, AttestationEnvelope, validate_nonce};
 use crate::audit::{AuditEntry, AuditEvent, AuditSink, FailureKind, NoAuditSink};
 use crate::backend::{
-    Backend, BackendKind, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict, Residency,
+    Backend, BackendKind, Confinement, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict,
+    Residency, SmBudget,
 };
 use crate::capacity::{Capacity, CapacityLedger};
 use crate::digest::Digest;
@@ -643,11 +644,37 @@ impl VramManager {
     /// these is audited as critical and stops the worker. [`VramError::ForeignShard`] for a handle
     /// from another manager.
     pub fn verify_sealed(&self, shard: &SealedShard) -> Result<VerifyReport> {
+        self.verify_with(shard, None).map(|(report, _)| report)
+    }
+
+    /// [`verify_sealed`](Self::verify_sealed) with the digest confined to `budget` SMs (see
+    /// [`SmBudget`]): what a background verification beside a running model uses. Returns how the
+    /// backend confined it. Failures follow the same path as any verification (critical audit
+    /// record, worker stopped, damaged tensors named).
+    ///
+    /// # Errors
+    /// As [`verify_sealed`](Self::verify_sealed).
+    pub fn verify_sealed_within(
+        &self,
+        shard: &SealedShard,
+        budget: SmBudget,
+    ) -> Result<(VerifyReport, Confinement)> {
+        self.verify_with(shard, Some(budget))
+    }
+
+    fn verify_with(
+        &self,
+        shard: &SealedShard,
+        budget: Option<SmBudget>,
+    ) -> Result<(VerifyReport, Confinement)> {
         let started = Instant::now();
         self.check_owner(shard)?;
         self.check_seal(shard)?;
         let residency = self.check_residency(shard.record.gpu_device, shard.buffer.residency()?)?;
-        let now = shard.buffer.tree_digest()?;
+        let (now, confinement) = match budget {
+            Some(budget) => shard.buffer.tree_digest_within(budget)?,
+            None => (shard.buffer.tree_digest()?, Confinement::Unconfined),
+        };
         if now.digest() != shard.record.digest {
             let damaged = shard.sealed_tree.damaged_ranges(&now);
             let tensors = shard.tensors_in(&damaged);
@@ -671,14 +698,17 @@ impl VramManager {
             gpu: shard.record.gpu_device,
             vram_bytes: shard.record.vram_bytes,
         })?;
-        Ok(VerifyReport {
-            shard_id: shard.record.shard_id.clone(),
-            digest: now.digest(),
-            vram_bytes: shard.record.vram_bytes,
-            elapsed: started.elapsed(),
-            backend: shard.record.backend,
-            residency,
-        })
+        Ok((
+            VerifyReport {
+                shard_id: shard.record.shard_id.clone(),
+                digest: now.digest(),
+                vram_bytes: shard.record.vram_bytes,
+                elapsed: started.elapsed(),
+                backend: shard.record.backend,
+                residency,
+            },
+            confinement,
+        ))
     }
 
     /// Verifies the shard (CI-007) and then lends its weights to `run` for one call. The borrow cannot

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Re-verify every shard this often (e.g. 60s, 5m); 0 disables the sweep.
     #[arg(long, env = "VRAM_RESIDENCY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
+    /// Streaming multiprocessors the sweep's verifications may use (cuda: a green context of that
+    /// many SMs, or a bounded grid where green contexts are missing), so that a model serving on
+    /// the same GPU barely notices; 0: the whole GPU, as foreground verifications.
+    #[arg(long, env = "VRAM_RESIDENCY_SWEEP_SMS", default_value_t = 0)]
+    pub sweep_sms: u32,
     /// Largest request body accepted.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_body: u64,
@@ -279,7 +284,7 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         )?;
     }
 
-    let app = Arc::new(state::AppState::new(
+    let mut app = state::AppState::new(
         Arc::clone(&manager),
         models,
         access,
@@ -287,7 +292,11 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         args.max_parallel_ops,
         args.sweep_interval,
         transport,
-    ));
+    );
+    app.sweep_budget = (args.sweep_sms > 0).then_some(vram_residency::SmBudget {
+        sms: args.sweep_sms,
+    });
+    let app = Arc::new(app);
     let router = api::router(
         Arc::clone(&app),
         api::Limits {

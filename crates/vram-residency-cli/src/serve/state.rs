@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vram_residency::{
-    AttestationEnvelope, AuditSink, ModelsDir, SealOptions, SealView, SealedShard, ShardId,
-    VerifyReport, VramError, VramManager, WorkerState,
+    AttestationEnvelope, AuditSink, Confinement, ModelsDir, SealOptions, SealView, SealedShard,
+    ShardId, SmBudget, VerifyReport, VramError, VramManager, WorkerState,
 };
 
 use super::auth::Access;
@@ -58,6 +58,10 @@ pub struct AppState {
     pub audit: Arc<dyn AuditSink>,
     pub metrics: Metrics,
     pub sweep_interval: Duration,
+    /// SMs the sweep's verifications may use (`--sweep-sms`); `None`: the whole GPU.
+    pub sweep_budget: Option<SmBudget>,
+    /// How the sweep's verifications were confined (set after the first one).
+    pub sweep_confinement: Mutex<Option<Confinement>>,
     /// How clients reach the service (reported by `GET /v1/worker`).
     pub transport: Transport,
     shards: Mutex<BTreeMap<ShardId, Arc<ShardEntry>>>,
@@ -84,6 +88,8 @@ impl AppState {
             audit,
             metrics: Metrics::new(),
             sweep_interval,
+            sweep_budget: None,
+            sweep_confinement: Mutex::new(None),
             transport,
             shards: Mutex::new(BTreeMap::new()),
             ops: Arc::new(Semaphore::new(usize::try_from(max_ops).unwrap_or(1))),
@@ -166,6 +172,38 @@ impl AppState {
     pub fn verify_blocking(&self, entry: &ShardEntry) -> Option<Result<VerifyReport, VramError>> {
         let started = Instant::now();
         let result = entry.with_shard(|shard| self.manager.verify_sealed(shard))?;
+        self.metrics
+            .verify(&result_label(&result), started.elapsed());
+        Some(result)
+    }
+
+    /// Verifies one shard for the sweep: confined to `--sweep-sms` when set (a green context or a
+    /// bounded grid; the first use is logged), else as [`verify_blocking`](Self::verify_blocking).
+    /// Blocking.
+    pub fn sweep_verify_blocking(
+        &self,
+        entry: &ShardEntry,
+    ) -> Option<Result<VerifyReport, VramError>> {
+        let Some(budget) = self.sweep_budget else {
+            return self.verify_blocking(entry);
+        };
+        let started = Instant::now();
+        let result = entry.with_shard(|shard| self.manager.verify_sealed_within(shard, budget))?;
+        let result = result.map(|(report, confinement)| {
+            let mut seen = self
+                .sweep_confinement
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if seen.is_none() {
+                tracing::info!(
+                    ?confinement,
+                    sms = budget.sms,
+                    "sweep verifications are confined"
+                );
+            }
+            *seen = Some(confinement);
+            report
+        });
         self.metrics
             .verify(&result_label(&result), started.elapsed());
         Some(result)

@@ -81,7 +81,7 @@ async fn sweep_inner(app: &Arc<AppState>) -> SweepOutcome {
         let task_entry = Arc::clone(&entry);
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            task_app.verify_blocking(&task_entry)
+            task_app.sweep_verify_blocking(&task_entry)
         })
         .await;
         match result {

@@ -1,0 +1,182 @@
+//! One owner per GPU for hashing: the compiled kernel, the digest workspaces kept for reuse and
+//! the confined lanes of background verification. [`crate::tree`] does the passes; the hasher
+//! decides where they run.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vram_residency::backend::{Confinement, SmBudget};
+use vram_residency::digest::TreeDigest;
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::kernels::{self, HashKernels};
+use crate::lane::Lane;
+use crate::tree::{self, Workspace};
+use crate::vram::VramBuffer;
+
+/// Workspaces kept per device.
+const MAX_POOLED: usize = 4;
+
+/// Hashing on one GPU.
+pub struct Hasher {
+    device: Arc<Device>,
+    /// The kernel's PTX and its entry points in the primary context, made on first use.
+    kernels: Mutex<Option<(Arc<str>, HashKernels)>>,
+    pool: Mutex<Vec<Workspace>>,
+    /// Confined lanes by SM budget, made on first use; each used by one verification at a time.
+    lanes: Mutex<HashMap<u32, Arc<Mutex<Lane>>>>,
+    /// Why green contexts could not be used, once a lane fell back.
+    green_refused: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hasher")
+            .field("device", &self.device.index())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hasher {
+    /// The hasher of `device` (nothing is compiled or allocated until first use).
+    #[must_use]
+    pub fn new(device: Arc<Device>) -> Self {
+        Self {
+            device,
+            kernels: Mutex::new(None),
+            pool: Mutex::new(Vec::new()),
+            lanes: Mutex::new(HashMap::new()),
+            green_refused: Mutex::new(None),
+        }
+    }
+
+    /// The device.
+    #[must_use]
+    pub const fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    fn kernels(&self) -> Result<(Arc<str>, HashKernels)> {
+        let mut slot = self.kernels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(made) = slot.as_ref() {
+            return Ok(made.clone());
+        }
+        let ptx = kernels::ptx(self.device.compute_capability())?;
+        let source: Arc<str> = Arc::from(ptx.to_src());
+        let loaded = kernels::load(&self.device.ctx, ptx)?;
+        *slot = Some((Arc::clone(&source), loaded.clone()));
+        Ok((source, loaded))
+    }
+
+    /// A pooled workspace with room for a shard of `len` bytes, or a new one.
+    fn take_workspace(&self, len: u64) -> Result<Workspace> {
+        let bytes = tree::workspace_bytes(len);
+        let pooled = {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            pool.iter()
+                .position(|w| w.bytes() >= bytes)
+                .map(|index| pool.swap_remove(index))
+        };
+        match pooled {
+            Some(workspace) => Ok(workspace),
+            None => Workspace::new(&self.device.ctx, bytes),
+        }
+    }
+
+    /// Back to the pool (its streams idle); when the pool is full the smallest is freed.
+    fn give_back(&self, workspace: Workspace) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.push(workspace);
+        if pool.len() > MAX_POOLED
+            && let Some(smallest) = pool
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| w.bytes())
+                .map(|(index, _)| index)
+        {
+            drop(pool.swap_remove(smallest));
+        }
+    }
+
+    /// The fs-verity digest of `buffer`, on the whole GPU.
+    ///
+    /// # Errors
+    /// [`CudaError::Driver`] on a failed allocation, launch or copy; [`CudaError::Compile`] /
+    /// [`CudaError::NvrtcMissing`] the first time, if the kernel cannot be built.
+    pub fn measure(&self, buffer: &VramBuffer) -> Result<TreeDigest> {
+        let (_, kernels) = self.kernels()?;
+        self.device.bind()?;
+        let workspace = self.take_workspace(buffer.len())?;
+        let (reusable, measured) = tree::measure(&kernels, &workspace, buffer);
+        if reusable {
+            self.give_back(workspace);
+        }
+        measured
+    }
+
+    /// The fs-verity digest of `buffer` confined to `budget` (see [`crate::lane`]), and how it
+    /// was confined. Verifications with the same budget take turns on one lane.
+    ///
+    /// # Errors
+    /// As [`measure`](Self::measure).
+    pub fn measure_within(
+        &self,
+        buffer: &VramBuffer,
+        budget: SmBudget,
+    ) -> Result<(TreeDigest, Confinement)> {
+        let lane = self.lane(budget.sms.max(1))?;
+        let lane = lane.lock().unwrap_or_else(PoisonError::into_inner);
+        self.device.bind()?;
+        let workspace = self.take_workspace(buffer.len())?;
+        let measured = tree::measure_on_lane(&*lane, &workspace, buffer);
+        self.device.bind()?;
+        // Reused only when the lane drained cleanly (a failed lane may still hold work on it).
+        if measured.is_ok() {
+            self.give_back(workspace);
+        }
+        Ok((measured?, lane.confinement()))
+    }
+
+    /// Why green contexts are not in use, when a lane fell back to a bounded grid.
+    #[must_use]
+    pub fn green_context_refusal(&self) -> Option<String> {
+        self.green_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn lane(&self, sms: u32) -> Result<Arc<Mutex<Lane>>> {
+        let (ptx, _) = self.kernels()?;
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lane) = lanes.get(&sms) {
+            return Ok(Arc::clone(lane));
+        }
+        let mut refused = None;
+        let lane = Lane::new(&self.device.ctx, &ptx, sms, &mut refused)?;
+        self.device.bind()?;
+        if let Some(reason) = refused {
+            tracing::warn!(%reason, sms, "green contexts unavailable; background verification uses a bounded grid");
+            *self
+                .green_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+        }
+        let lane = Arc::new(Mutex::new(lane));
+        lanes.insert(sms, Arc::clone(&lane));
+        Ok(lane)
+    }
+
+    /// Frees what is kept for reuse: digest workspaces and lanes.
+    pub fn trim(&self) {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
