@@ -133,6 +133,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let interference = match (&cuda, args.interference) {
+        (Some(cuda), true) => Some(interference_run(cuda, args)?),
+        (None, true) => {
+            return Err(crate::cli::usage(
+                "--interference needs the cuda backend (a GPU to share)",
+            ));
+        }
+        _ => None,
+    };
     let report = serde_json::json!({
         "backend": kind.name(),
         "device": device.name,
@@ -142,6 +151,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "first_use_seconds": warm_up_seconds,
         "ceilings": ceilings,
         "runs": runs,
+        "interference": interference,
     });
     let all_equal = runs.iter().all(|r| r.gpu_digest_equals_cpu);
     if args.json {
@@ -158,6 +168,68 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The interference run (see `vram_residency_cuda::interference`) as JSON.
+fn interference_run(cuda: &CudaBackend, args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    use vram_residency::Confinement;
+    use vram_residency_cuda::interference::{Victim, interference, resident_buffers};
+
+    let hasher = cuda.hasher(args.gpu)?;
+    let resident = resident_buffers(hasher, args.resident)?;
+    let victim = Victim::new(hasher, args.victim)?;
+    eprintln!(
+        "bench: interference: victim GEMV over {} ({} blocks per step), {} resident, budgets {:?} SMs, {} s each",
+        human(victim.weight_bytes()),
+        victim.blocks(),
+        human(args.resident),
+        args.interference_sms,
+        args.interference_seconds
+    );
+    let run = interference(
+        hasher,
+        &victim,
+        &resident,
+        &args.interference_sms,
+        args.interference_seconds,
+    )?;
+    let rows: Vec<serde_json::Value> = run
+        .scenarios
+        .iter()
+        .map(|s| {
+            let (mechanism, sms) = match s.confinement {
+                Some(Confinement::GreenContext { sms }) => ("green_context", Some(sms)),
+                Some(Confinement::BoundedGrid { sms }) => ("bounded_grid", Some(sms)),
+                Some(Confinement::Unconfined) | None => ("whole_gpu", None),
+            };
+            eprintln!(
+                "bench: interference: {:>36}: victim {:.3} ms/step ({:+.1} %), verified {:.1} GB/s, full pass {:.2} s",
+                s.budget, s.victim_step_ms, s.victim_slowdown_pct, s.verified_gb_per_s, s.full_pass_seconds
+            );
+            serde_json::json!({
+                "budget": s.budget,
+                "mechanism": mechanism,
+                "sms_granted": sms,
+                "victim_step_ms": round(s.victim_step_ms),
+                "victim_slowdown_pct": round(s.victim_slowdown_pct),
+                "verified_gb_per_s": round(s.verified_gb_per_s),
+                "full_pass_seconds": round(s.full_pass_seconds),
+                "digests": s.digests,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "victim": {
+            "kernel": "bf16 GEMV, one warp per 8 KiB row, 8 rows per 256-thread block",
+            "weight_bytes": victim.weight_bytes(),
+            "blocks_per_step": victim.blocks(),
+            "step_ms_alone_before": round(run.alone_before_ms),
+            "step_ms_alone_after": round(run.alone_after_ms),
+        },
+        "resident_bytes": run.resident_bytes,
+        "green_context_refusal": hasher.green_context_refusal(),
+        "scenarios": rows,
+    }))
 }
 
 fn bench_size(

@@ -214,6 +214,23 @@ pub struct BenchArgs {
     /// Skip the seed crate's method (slow: one-core SHA-256 of every byte).
     #[arg(long)]
     pub skip_seed: bool,
+    /// Also measure what background verification costs a decode-like victim (a memory-bound bf16
+    /// GEMV of many blocks in many waves): alone, beside verification confined to each
+    /// --interference-sms budget, and beside foreground verification back to back (cuda only).
+    #[arg(long)]
+    pub interference: bool,
+    /// SM budgets of the interference run.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
+    pub interference_sms: Vec<u32>,
+    /// Resident bytes the background verification re-hashes round-robin (in 16 GiB buffers).
+    #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
+    pub resident: u64,
+    /// Weight bytes the victim GEMV reads per step.
+    #[arg(long, default_value = "8GiB", value_parser = parse_bytes)]
+    pub victim: u64,
+    /// Seconds per interference scenario.
+    #[arg(long, default_value_t = 3.0)]
+    pub interference_seconds: f64,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,

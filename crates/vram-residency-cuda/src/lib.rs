@@ -37,6 +37,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 mod fault;
 pub mod hasher;
+pub mod interference;
 pub mod kernels;
 pub mod lane;
 pub mod pinned;

@@ -146,6 +146,20 @@ impl VramBuffer {
             .map_err(CudaError::driver("cuMemcpyHtoDAsync"))
     }
 
+    /// Sets every byte to `value` and waits.
+    ///
+    /// # Errors
+    /// [`CudaError::Driver`], [`CudaError::OutOfBounds`].
+    pub fn fill(&self, value: u8) -> Result<()> {
+        let n = usize::try_from(self.len).map_err(|_| CudaError::OutOfBounds {
+            what: "buffer size exceeds usize",
+        })?;
+        self.bind()?;
+        // SAFETY: `ptr..ptr+len` is this allocation, on this (current) context; synchronous.
+        unsafe { result::memset_d8_sync(self.ptr, value, n) }
+            .map_err(CudaError::driver("cuMemsetD8"))
+    }
+
     /// Copies `dst.len()` bytes from `offset` into `dst` and waits for the copy.
     ///
     /// # Errors

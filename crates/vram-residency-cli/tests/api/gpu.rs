@@ -717,3 +717,99 @@ fn tensors_offset(path: &std::path::Path) -> u64 {
         .unwrap()
         .data_offset
 }
+
+#[test]
+fn gpu_confined_verification_gives_the_same_digest_and_finds_a_flip_in_the_background() {
+    let test = "gpu_confined_verification_gives_the_same_digest_and_finds_a_flip_in_the_background";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    warm_up(&gpu);
+    let before = free_vram(&gpu);
+    let (manager, _) = manager(&gpu);
+    let manager = Arc::new(manager);
+    // A raw image (16-byte aligned start) and a padded safetensors image (8-byte aligned start).
+    let raw = random_bytes((96 << 20) + 5, 71);
+    let padded = safetensors_image((40 << 20) + 3, 72, 8);
+    let shards: Vec<Arc<vram_residency::SealedShard>> = [raw, padded]
+        .iter()
+        .map(|image| {
+            let mut reader = image.as_slice();
+            let opts = SealOptions {
+                tensor_table: vram_residency::format::read_tensor_table_from_bytes(image)
+                    .ok()
+                    .filter(|t| t.data_offset > 0)
+                    .map(Arc::new),
+                ..SealOptions::default()
+            };
+            Arc::new(
+                manager
+                    .seal_reader(&mut reader, image.len() as u64, 0, &opts)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut mechanisms = Vec::new();
+    for sms in [8, 16] {
+        for shard in &shards {
+            let (report, confinement) = manager
+                .verify_sealed_within(shard, vram_residency::SmBudget { sms })
+                .unwrap();
+            assert_eq!(report.digest, shard.digest());
+            assert!(
+                matches!(
+                    confinement,
+                    vram_residency::Confinement::GreenContext { .. }
+                        | vram_residency::Confinement::BoundedGrid { .. }
+                ),
+                "{confinement:?}"
+            );
+            mechanisms.push(format!("{sms} SMs: {confinement:?}"));
+        }
+    }
+    let verifier = vram_residency::BackgroundVerifier::start(
+        Arc::clone(&manager),
+        vram_residency::SmBudget { sms: 8 },
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    for shard in &shards {
+        verifier.watch(shard);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while verifier.stats().passes < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let clean = verifier.stats();
+    assert!(clean.passes >= 2 && clean.incident.is_none(), "{clean:?}");
+    // A flip in the padded image's tensor, found by the background verifier alone.
+    let target = &shards[1];
+    let offset = target.tensor_table().unwrap().tensors[0].offset + (20 << 20);
+    gpu.backend
+        .flip_bit(target.allocation_id(), 8 * offset + 6)
+        .unwrap();
+    while verifier.stats().running && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let stats = verifier.stop();
+    let incident = stats.incident.clone().unwrap_or_default();
+    assert!(
+        incident.contains("corruption") && incident.contains("tensors: w"),
+        "{stats:?}"
+    );
+    assert!(matches!(
+        manager.state(),
+        vram_residency::WorkerState::Stopped { .. }
+    ));
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: {}; background: {} passes, {:.1} GB/s busy, then the flip: {incident}; green contexts refused: {:?}",
+        mechanisms.join(", "),
+        clean.passes,
+        clean.gb_per_s(),
+        gpu.backend.hasher(0).unwrap().green_context_refusal()
+    );
+    drop(shards);
+    drop(manager);
+    assert_no_leak(&gpu, before, test);
+}
