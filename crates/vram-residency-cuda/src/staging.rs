@@ -39,10 +39,14 @@ pub struct StagingConfig {
     pub drop_page_cache: bool,
 }
 
+/// Files at least this large may use more than 8 readers.
+const LARGE_FILE: u64 = 4 << 30;
+
 impl Default for StagingConfig {
-    /// One reader per core, at most 16, two 2 MiB buffers each: at most 64 MiB pinned. On the
-    /// H200 test host (16 cores) a page-cache-hot 16 GiB file sealed at 41.9 GB/s with 16 readers
-    /// and 37.0 with 8 (`vram-residency bench --staging-readers`, same session, 2026-12-02).
+    /// One reader per core, at most 16 (at most 8 for files under 4 GiB), two 2 MiB buffers each:
+    /// at most 64 MiB pinned. On the H200 test host (16 cores) a page-cache-hot 16 GiB file sealed
+    /// at 41.9 GB/s with 16 readers and 37.0 with 8 (`vram-residency bench --staging-readers`,
+    /// same session, 2026-12-02).
     ///
     /// Small buffers are faster, not only leaner: on the H100 test host a 16 GiB page-cache-hot
     /// file sealed at 41.7 GB/s with 2 MiB buffers, 40.9 with 4 MiB and 26.1 with 8 MiB (8
@@ -209,9 +213,17 @@ pub fn upload_file(
     let next_chunk = AtomicU64::new(0);
     let uploaded = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
+    // Beyond 8 readers only for large files: on the H200 host 16 readers sealed 16 GiB at 39-42
+    // GB/s against 37 with 8, but 1 GiB at 12.3 against 17-18 (2026-12-02; each reader's pinned
+    // buffers and thread cost a fixed time that a small file does not amortise).
+    let cap = if len >= LARGE_FILE {
+        config.readers
+    } else {
+        config.readers.min(8)
+    };
     let readers = usize::try_from(chunks)
         .unwrap_or(usize::MAX)
-        .clamp(1, config.readers);
+        .clamp(1, cap.max(1));
 
     let outcomes: Vec<Result<()>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..readers)
