@@ -15,7 +15,7 @@ use crate::device::{Device, device_count, driver_version, init_driver};
 use crate::error::CudaError;
 use crate::hasher::Hasher;
 use crate::policy;
-use crate::staging::{self, StagingConfig};
+use crate::staging::{self, RingPool, StagingConfig};
 use crate::vram::VramBuffer;
 
 /// Settings of the CUDA backend.
@@ -33,6 +33,8 @@ type LiveMap = HashMap<AllocationId, Weak<VramBuffer>>;
 pub struct CudaBackend {
     devices: Vec<Arc<Device>>,
     hashers: Vec<Arc<Hasher>>,
+    /// Staging rings kept between uploads, per device.
+    rings: Vec<Arc<RingPool>>,
     config: CudaConfig,
     driver: String,
     next_id: AtomicU64,
@@ -66,9 +68,11 @@ impl CudaBackend {
             .iter()
             .map(|d| Arc::new(Hasher::new(Arc::clone(d))))
             .collect();
+        let rings = devices.iter().map(|_| Arc::new(RingPool::new())).collect();
         Ok(Self {
             devices,
             hashers,
+            rings,
             config,
             driver: driver_version()?,
             next_id: AtomicU64::new(1),
@@ -116,6 +120,9 @@ impl CudaBackend {
     pub fn trim_caches(&self) {
         for hasher in &self.hashers {
             hasher.trim();
+        }
+        for rings in &self.rings {
+            rings.clear();
         }
     }
 
@@ -176,6 +183,14 @@ impl Backend for CudaBackend {
     ) -> vram_residency::Result<Box<dyn DeviceBuffer>> {
         let device = Arc::clone(self.gpu(gpu)?);
         let hasher = Arc::clone(self.hasher(gpu)?);
+        let rings = usize::try_from(gpu)
+            .ok()
+            .and_then(|i| self.rings.get(i))
+            .map(Arc::clone)
+            .ok_or(VramError::InvalidGpuIndex {
+                gpu,
+                count: u32::try_from(self.rings.len()).unwrap_or(u32::MAX),
+            })?;
         let padding = image_padding(data_offset);
         let buffer = VramBuffer::alloc_padded(&device.ctx, bytes, padding).map_err(|error| {
             VramError::AllocationFailed {
@@ -193,6 +208,7 @@ impl Backend for CudaBackend {
         Ok(Box::new(CudaShard {
             device,
             hasher,
+            rings,
             buffer,
             id,
             staging: self.config.staging,
@@ -205,6 +221,7 @@ impl Backend for CudaBackend {
 struct CudaShard {
     device: Arc<Device>,
     hasher: Arc<Hasher>,
+    rings: Arc<RingPool>,
     buffer: Arc<VramBuffer>,
     id: AllocationId,
     staging: StagingConfig,
@@ -256,6 +273,7 @@ impl DeviceBuffer for CudaShard {
             &self.buffer,
             file,
             &self.staging,
+            &self.rings,
             progress,
         )?)
     }

@@ -20,6 +20,7 @@ use vram_residency::digest::read_full;
 use crate::error::{CudaError, Result};
 use crate::pinned::PinnedBuffer;
 use crate::vram::VramBuffer;
+use zeroize::Zeroize as _;
 
 /// Alignment O_DIRECT needs for offsets, lengths and buffers.
 const DIRECT_ALIGN: usize = 4096;
@@ -100,6 +101,81 @@ struct Ring {
     stream: std::sync::Arc<CudaStream>,
     slots: Vec<Slot>,
     next: usize,
+    slot_bytes: usize,
+}
+
+/// Rings kept between uploads on one device (at most [`MAX_POOLED_RINGS`]): allocating pinned
+/// memory, events and a stream for every reader of every seal cost a fixed time per file that small
+/// files and many-file checkpoints paid again and again. A ring goes back only after its stream has
+/// drained, with every buffer **zeroised**, so no weight bytes stay in host memory between uploads;
+/// the pinned memory itself (at most 16 rings × two 2 MiB buffers by default) stays allocated until
+/// [`RingPool::clear`] (`CudaBackend::trim_caches`).
+#[derive(Default)]
+pub struct RingPool {
+    rings: std::sync::Mutex<Vec<Ring>>,
+}
+
+impl std::fmt::Debug for RingPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingPool").finish_non_exhaustive()
+    }
+}
+
+/// Rings kept per device.
+const MAX_POOLED_RINGS: usize = 16;
+
+impl RingPool {
+    /// An empty pool.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn take(&self, dst: &VramBuffer, config: &StagingConfig) -> Result<Ring> {
+        let pooled = {
+            let mut rings = self
+                .rings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            rings
+                .iter()
+                .position(|r| {
+                    r.slots.len() == config.slots_per_reader && r.slot_bytes == config.slot_bytes
+                })
+                .map(|index| rings.swap_remove(index))
+        };
+        match pooled {
+            Some(ring) => Ok(ring),
+            None => Ring::new(dst, config),
+        }
+    }
+
+    /// Back to the pool after a clean upload: drained, every buffer zeroised.
+    fn give_back(&self, mut ring: Ring) {
+        if ring.finish().is_err() {
+            return; // dropped: Drop synchronises again, zeroises and frees
+        }
+        for slot in &mut ring.slots {
+            slot.buffer.as_mut_slice().zeroize();
+            slot.in_flight = false;
+        }
+        ring.next = 0;
+        let mut rings = self
+            .rings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if rings.len() < MAX_POOLED_RINGS {
+            rings.push(ring);
+        }
+    }
+
+    /// Frees every pooled ring (zeroised already).
+    pub fn clear(&self) {
+        self.rings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
 }
 
 impl Ring {
@@ -122,6 +198,7 @@ impl Ring {
             stream,
             slots,
             next: 0,
+            slot_bytes: config.slot_bytes,
         })
     }
 
@@ -192,6 +269,7 @@ pub fn upload_file(
     dst: &VramBuffer,
     file: &File,
     config: &StagingConfig,
+    pool: &RingPool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     let config = config.validated()?;
@@ -233,6 +311,7 @@ pub fn upload_file(
                         dst,
                         source,
                         &config,
+                        pool,
                         &next_chunk,
                         chunks,
                         &uploaded,
@@ -271,13 +350,14 @@ fn read_chunks(
     dst: &VramBuffer,
     file: &File,
     config: &StagingConfig,
+    pool: &RingPool,
     next_chunk: &AtomicU64,
     chunks: u64,
     uploaded: &AtomicU64,
     failed: &AtomicBool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let mut ring = Ring::new(dst, config)?;
+    let mut ring = pool.take(dst, config)?;
     let slot_bytes = config.slot_bytes as u64;
     let len = dst.len();
     while !failed.load(Ordering::Relaxed) {
@@ -323,7 +403,9 @@ fn read_chunks(
             .saturating_add(n as u64);
         progress(total);
     }
-    ring.finish()
+    ring.finish()?;
+    pool.give_back(ring);
+    Ok(())
 }
 
 /// Reads into `buffer` at `offset` until at least `want` bytes arrived or the file ended.
