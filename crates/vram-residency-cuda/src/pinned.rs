@@ -1,4 +1,5 @@
-//! Page-locked host buffers for the staging ring: short-lived, zeroised and freed after use.
+//! Page-locked host buffers for the staging ring: zeroised after every upload (and kept for the next
+//! one in the device's ring pool), zeroised again and freed on drop.
 
 use std::sync::Arc;
 

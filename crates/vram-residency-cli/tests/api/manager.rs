@@ -56,6 +56,64 @@ fn execute_verifies_first_then_lends_the_exact_bytes_ci_007() {
 }
 
 #[test]
+fn execute_and_lend_describe_the_sealed_table_and_lend_verifies_first_ci_007() {
+    let w = small_worker();
+    let path = crate::support::repo_path("crates/vram-residency/tests/fixtures/tiny.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let shard = w
+        .manager
+        .seal_file(&path, 0, &SealOptions::default())
+        .unwrap();
+    let table = shard.tensor_table().unwrap().clone();
+    // execute: typed views of the table over the exact sealed bytes.
+    let views = w
+        .manager
+        .execute(&shard, |weights| {
+            let host = weights.host_bytes().unwrap();
+            weights
+                .tensors()
+                .iter()
+                .map(|view| {
+                    let start = usize::try_from(view.offset()).unwrap();
+                    let end = start + usize::try_from(view.bytes()).unwrap();
+                    (
+                        view.name().to_owned(),
+                        view.layout().unwrap().shape,
+                        host[start..end].to_vec(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert_eq!(views.len(), table.tensors.len());
+    for ((name, shape, data), info) in views.iter().zip(&table.tensors) {
+        assert_eq!(name, &info.name);
+        assert_eq!(
+            shape, &info.shape,
+            "safetensors shapes are row-major already"
+        );
+        let start = usize::try_from(info.offset).unwrap();
+        assert_eq!(data.as_slice(), &bytes[start..start + data.len()]);
+    }
+    // lend: verified first, holds the shard until the lease is dropped.
+    let shard = Arc::new(shard);
+    let lease = w.manager.lend(&shard).unwrap();
+    assert_eq!(lease.tensors().len(), table.tensors.len());
+    assert!(!lease.location().is_device());
+    assert!(!format!("{lease:?}").contains("0x"));
+    let shard = Arc::try_unwrap(shard).unwrap_err();
+    drop(lease);
+    let shard = Arc::new(Arc::try_unwrap(shard).unwrap());
+    // A changed byte: lend refuses (it verifies first) and the worker stops.
+    w.sim.flip_bit(shard.allocation_id(), 8 * 100).unwrap();
+    assert!(matches!(
+        w.manager.lend(&shard),
+        Err(VramError::Corruption { .. })
+    ));
+    assert!(matches!(w.manager.state(), WorkerState::Stopped { .. }));
+}
+
+#[test]
 fn corruption_is_detected_localised_audited_and_stops_the_worker_worker_4122() {
     let w = small_worker();
     let data = random_bytes(4 * LEVEL1_SPAN, 3);
