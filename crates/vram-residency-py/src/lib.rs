@@ -24,7 +24,7 @@ mod errors;
 mod shard;
 mod tensor;
 
-use errors::{CheckpointError, VramResidencyError, to_py};
+use errors::{CheckpointError, to_py};
 use shard::{Model, Shard, ensure_running};
 
 /// A backend and the audit sink of a new worker.
@@ -404,7 +404,5 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<background::BackgroundVerification>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    // Referenced so that the base class is documented as the catch-all.
-    let _ = m.py().get_type::<VramResidencyError>();
     Ok(())
 }

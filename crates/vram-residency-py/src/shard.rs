@@ -94,6 +94,15 @@ impl Shard {
     }
 }
 
+/// Bytes per second in GB/s (10^9 bytes); 0 for no time.
+fn gb_per_s(bytes: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        bytes as f64 / seconds / 1e9
+    } else {
+        0.0
+    }
+}
+
 /// The verification report as a dict.
 pub fn report_dict<'py>(py: Python<'py>, report: &VerifyReport) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
@@ -102,14 +111,7 @@ pub fn report_dict<'py>(py: Python<'py>, report: &VerifyReport) -> PyResult<Boun
     dict.set_item("digest", report.digest.to_string())?;
     dict.set_item("bytes", report.vram_bytes)?;
     dict.set_item("seconds", seconds)?;
-    dict.set_item(
-        "gb_per_s",
-        if seconds > 0.0 {
-            report.vram_bytes as f64 / seconds / 1e9
-        } else {
-            0.0
-        },
-    )?;
+    dict.set_item("gb_per_s", gb_per_s(report.vram_bytes, seconds))?;
     dict.set_item("backend", report.backend.name())?;
     Ok(dict)
 }
@@ -325,14 +327,7 @@ impl Model {
         let dict = PyDict::new(py);
         dict.set_item("bytes", bytes)?;
         dict.set_item("seconds", seconds)?;
-        dict.set_item(
-            "gb_per_s",
-            if seconds > 0.0 {
-                bytes as f64 / seconds / 1e9
-            } else {
-                0.0
-            },
-        )?;
+        dict.set_item("gb_per_s", gb_per_s(bytes, seconds))?;
         dict.set_item("shards", reports)?;
         Ok(dict)
     }
