@@ -173,11 +173,7 @@ pub fn verify_padded(
 ) -> Result<Timed> {
     let device = hasher.device();
     let vram = VramBuffer::alloc_padded(&device.ctx, bytes, padding)?;
-    let n = usize::try_from(bytes).map_err(|_| CudaError::OutOfBounds { what: "size" })?;
-    device.bind()?;
-    // SAFETY: `vram` holds `n` bytes from its first byte on this (current) context; synchronous.
-    unsafe { result::memset_d8_sync(vram.device_ptr(), 0x5a, n) }
-        .map_err(CudaError::driver("cuMemsetD8"))?;
+    vram.fill(0x5a)?;
     let mut best = f64::INFINITY;
     for _ in 0..runs.max(1) {
         let started = Instant::now();

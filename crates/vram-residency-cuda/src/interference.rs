@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _, result};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 use vram_residency::backend::{Confinement, SmBudget};
 
@@ -68,13 +68,8 @@ impl Victim {
         let w = VramBuffer::alloc(&device.ctx, rows.saturating_mul(COLS * 2))?;
         let x = VramBuffer::alloc(&device.ctx, COLS * 2)?;
         let y = VramBuffer::alloc(&device.ctx, rows.saturating_mul(4))?;
-        for buffer in [&w, &x] {
-            let n = usize::try_from(buffer.len())
-                .map_err(|_| CudaError::OutOfBounds { what: "size" })?;
-            // SAFETY: the buffer holds `n` bytes on this (current) context; synchronous.
-            unsafe { result::memset_d8_sync(buffer.device_ptr(), 0x3c, n) }
-                .map_err(CudaError::driver("cuMemsetD8"))?;
-        }
+        w.fill(0x3c)?;
+        x.fill(0x3c)?;
         let stream = device
             .ctx
             .new_stream()

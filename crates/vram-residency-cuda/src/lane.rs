@@ -235,12 +235,7 @@ impl Lane {
             0x48, 0x89, 0x2c, 0xa7,
         ];
         let probe = crate::vram::VramBuffer::alloc(&self.primary, 4096 + 256)?;
-        self.primary
-            .bind_to_thread()
-            .map_err(CudaError::driver("cuCtxSetCurrent"))?;
-        // SAFETY: the probe holds 4096 + 256 bytes on this (current) context; synchronous.
-        unsafe { cudarc::driver::result::memset_d8_sync(probe.device_ptr(), 0, 4096 + 256) }
-            .map_err(CudaError::driver("cuMemsetD8"))?;
+        probe.fill(0)?;
         let data = probe.checked_range(0, 4096)?;
         let out = probe.checked_range(4096, 32)?;
         // SAFETY: `data` holds 4096 bytes, `out` room for one hash; synchronised before reading.

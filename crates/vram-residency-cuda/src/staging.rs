@@ -150,11 +150,9 @@ impl RingPool {
         }
     }
 
-    /// Back to the pool after a clean upload: drained, every buffer zeroised.
+    /// Back to the pool after a clean upload (the caller drained it with `Ring::finish`), every
+    /// buffer zeroised.
     fn give_back(&self, mut ring: Ring) {
-        if ring.finish().is_err() {
-            return; // dropped: Drop synchronises again, zeroises and frees
-        }
         for slot in &mut ring.slots {
             slot.buffer.as_mut_slice().zeroize();
             slot.in_flight = false;

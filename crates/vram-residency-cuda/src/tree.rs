@@ -182,24 +182,7 @@ pub(crate) fn measure_on_lane(
     let synced = lane.sync();
     queued?;
     synced?;
-    let level1_count = len.div_ceil(SPAN);
-    let mut hashes = vec![
-        0u8;
-        usize::try_from(level1_count.saturating_mul(HASH)).map_err(|_| {
-            CudaError::OutOfBounds {
-                what: "level-1 size",
-            }
-        })?
-    ];
-    arena.read(layout.level1, &mut hashes)?;
-    let level1 = hashes
-        .chunks_exact(HASH_SIZE)
-        .map(|h| {
-            let mut hash = [0u8; HASH_SIZE];
-            hash.copy_from_slice(h);
-            hash
-        })
-        .collect();
+    let level1 = read_level1(arena, layout.level1, len.div_ceil(SPAN))?;
     TreeDigest::from_level1(level1, len).map_err(|_| CudaError::Internal("level-1 count"))
 }
 
@@ -262,18 +245,22 @@ fn measure_in(
         arena.read(0, &mut root)?;
         return Ok(vec![root]);
     }
-    let level1_bytes = len.div_ceil(SPAN).saturating_mul(HASH);
     let streams: [&Arc<CudaStream>; 2] = [&workspace.main, &workspace.second];
     queue_windows(function, buffer, plan, layout, &streams, arena)?;
     sync(&workspace.second)?;
     sync(&workspace.main)?;
-    let mut hashes = vec![
-        0u8;
-        usize::try_from(level1_bytes).map_err(|_| CudaError::OutOfBounds {
-            what: "level-1 size"
-        })?
-    ];
-    arena.read(layout.level1, &mut hashes)?;
+    read_level1(arena, layout.level1, len.div_ceil(SPAN))
+}
+
+/// Copies `count` level-1 hashes back from `arena` at `offset` (after the streams that wrote them
+/// were synchronised).
+fn read_level1(arena: &VramBuffer, offset: u64, count: u64) -> Result<Vec<[u8; HASH_SIZE]>> {
+    let bytes =
+        usize::try_from(count.saturating_mul(HASH)).map_err(|_| CudaError::OutOfBounds {
+            what: "level-1 size",
+        })?;
+    let mut hashes = vec![0u8; bytes];
+    arena.read(offset, &mut hashes)?;
     Ok(hashes
         .chunks_exact(HASH_SIZE)
         .map(|h| {
