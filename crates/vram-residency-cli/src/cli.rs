@@ -211,6 +211,9 @@ pub struct BenchArgs {
     /// Verifications per size (best and median are reported).
     #[arg(long, default_value_t = 5)]
     pub verify_runs: usize,
+    /// Seals per size, each of the page-cache-hot file (best, median and first are reported).
+    #[arg(long, default_value_t = 3)]
+    pub seal_runs: usize,
     /// Skip the seed crate's method (slow: one-core SHA-256 of every byte).
     #[arg(long)]
     pub skip_seed: bool,

@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaStream};
 use vram_residency::digest::read_full;
@@ -24,6 +25,44 @@ use zeroize::Zeroize as _;
 
 /// Alignment O_DIRECT needs for offsets, lengths and buffers.
 const DIRECT_ALIGN: usize = 4096;
+
+/// Where the readers of one upload spent their time, summed over readers (nanoseconds); logged at
+/// debug level (`-vv`) when the upload ends, to say what bounds a seal.
+#[derive(Default)]
+struct ReaderTimes {
+    ring: AtomicU64,
+    read: AtomicU64,
+    wait: AtomicU64,
+    send: AtomicU64,
+    drop_cache: AtomicU64,
+    finish: AtomicU64,
+}
+
+impl ReaderTimes {
+    fn add(counter: &AtomicU64, since: Instant) -> Instant {
+        let now = Instant::now();
+        let nanos =
+            u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX);
+        counter.fetch_add(nanos, Ordering::Relaxed);
+        now
+    }
+
+    fn log(&self, len: u64, readers: usize, started: Instant) {
+        let ms = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as f64 / 1e6;
+        tracing::debug!(
+            bytes = len,
+            readers,
+            wall_ms = started.elapsed().as_secs_f64() * 1e3,
+            ring_ms = ms(&self.ring),
+            read_ms = ms(&self.read),
+            wait_for_copy_ms = ms(&self.wait),
+            queue_copy_ms = ms(&self.send),
+            drop_page_cache_ms = ms(&self.drop_cache),
+            drain_and_zeroise_ms = ms(&self.finish),
+            "staging upload (reader times summed over readers)"
+        );
+    }
+}
 
 /// Shape of the staging ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +328,8 @@ pub fn upload_file(
     let next_chunk = AtomicU64::new(0);
     let uploaded = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
+    let times = ReaderTimes::default();
+    let started = Instant::now();
     // Beyond 8 readers only for large files: on the H200 host 16 readers sealed 16 GiB at 39-42
     // GB/s against 37 with 8, but 1 GiB at 12.3 against 17-18 (2026-12-02; each reader's pinned
     // buffers and thread cost a fixed time that a small file does not amortise).
@@ -315,6 +356,7 @@ pub fn upload_file(
                         &uploaded,
                         &failed,
                         progress,
+                        &times,
                     );
                     if outcome.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -335,6 +377,7 @@ pub fn upload_file(
     for outcome in outcomes {
         outcome?;
     }
+    times.log(len, readers, started);
     check_size(file, len)?;
     Ok(())
 }
@@ -354,8 +397,11 @@ fn read_chunks(
     uploaded: &AtomicU64,
     failed: &AtomicBool,
     progress: &(dyn Fn(u64) + Sync),
+    times: &ReaderTimes,
 ) -> Result<()> {
+    let mut at = Instant::now();
     let mut ring = pool.take(dst, config)?;
+    at = ReaderTimes::add(&times.ring, at);
     let slot_bytes = config.slot_bytes as u64;
     let len = dst.len();
     while !failed.load(Ordering::Relaxed) {
@@ -372,6 +418,7 @@ fn read_chunks(
             .map_err(|_| CudaError::OutOfBounds { what: "chunk size" })?;
         let stream = std::sync::Arc::clone(&ring.stream);
         let slot = ring.take()?;
+        at = ReaderTimes::add(&times.wait, at);
         let request = if config.direct_io {
             n.next_multiple_of(DIRECT_ALIGN)
         } else {
@@ -385,6 +432,7 @@ fn read_chunks(
                     what: "chunk larger than a staging buffer",
                 })?;
         let got = read_at_least(file, buffer, offset, n)?;
+        at = ReaderTimes::add(&times.read, at);
         if got < n {
             return Err(CudaError::SourceChanged {
                 expected: len,
@@ -392,9 +440,11 @@ fn read_chunks(
             });
         }
         Ring::send(&stream, slot, dst, offset, n)?;
+        at = ReaderTimes::add(&times.send, at);
         if config.drop_page_cache && !config.direct_io {
             // Chunk by chunk, in parallel: the bytes are in the pinned buffer now.
             drop_page_cache(file, offset, n as u64);
+            at = ReaderTimes::add(&times.drop_cache, at);
         }
         let total = uploaded
             .fetch_add(n as u64, Ordering::Relaxed)
@@ -403,6 +453,7 @@ fn read_chunks(
     }
     ring.finish()?;
     pool.give_back(ring);
+    ReaderTimes::add(&times.finish, at);
     Ok(())
 }
 

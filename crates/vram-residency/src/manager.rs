@@ -519,6 +519,7 @@ impl VramManager {
         validate_shard_position(opts.shard_index, opts.total_shards)?;
         let shard_id = opts.shard_id.clone().unwrap_or_else(ShardId::generate);
 
+        let started = Instant::now();
         let reservation = self
             .ledger
             .reserve(gpu, len, &shard_id)
@@ -531,6 +532,12 @@ impl VramManager {
                 opts.tensor_table.as_ref().map_or(0, |t| t.data_offset),
             )
             .inspect_err(|e| self.allocation_failed(gpu, len, e))?;
+        tracing::debug!(
+            bytes = len,
+            gpu,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "seal: reserved and allocated"
+        );
         self.check_residency(gpu, buffer.residency()?)?;
         let capacity = self.ledger.capacity(gpu)?;
         self.audit(AuditEvent::VramAllocated {
@@ -582,12 +589,15 @@ impl VramManager {
                 report(n);
             }
         };
+        let started = Instant::now();
         match source {
             Source::Reader(reader) => buffer.upload(reader, &mut |n| progress(n))?,
             Source::File(file) => buffer.upload_file(file, &progress)?,
         }
+        let uploaded = Instant::now();
         // The digest is measured where the bytes now are, not from the host bytes we sent.
         let tree = buffer.tree_digest()?;
+        let measured = Instant::now();
         if let Some(expected) = opts.expected_digest
             && expected != tree.digest()
         {
@@ -632,6 +642,17 @@ impl VramManager {
             digest: shard.record.digest,
             model_ref: shard.record.model_ref.clone(),
         })?;
+        let ms =
+            |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+        let done = Instant::now();
+        tracing::debug!(
+            bytes = len,
+            gpu,
+            upload_ms = ms(started, uploaded),
+            digest_ms = ms(uploaded, measured),
+            check_sign_audit_ms = ms(measured, done),
+            "seal: phases"
+        );
         Ok(shard)
     }
 
