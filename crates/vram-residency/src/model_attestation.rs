@@ -465,3 +465,308 @@ struct WireModelVerification {
     vram_bytes: u64,
     elapsed_ns: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::ShardId;
+    use crate::keys::WorkerToken;
+    use crate::model_seal::ModelShardEntry;
+
+    const TOKEN: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const NONCE: [u8; 16] = [0xab; 16];
+
+    fn token() -> WorkerToken {
+        WorkerToken::from_bytes(TOKEN.to_vec()).unwrap()
+    }
+
+    fn shard_record(model_ref: &str, index: u32, total: u32, fill: u8) -> SealRecord {
+        SealRecord {
+            shard_id: ShardId::new(&format!("{}-shard-{index}", fill)).unwrap(),
+            digest: Digest::from_bytes([fill.wrapping_add(u8::try_from(index).unwrap()); 32]),
+            vram_bytes: 4096 * u64::from(index + 1),
+            gpu_device: index,
+            device_uuid: crate::sim::SimBackend::device_uuid(index),
+            sealed_at_ns: 1_700_000_000_000_000_000,
+            backend: crate::backend::BackendKind::Sim,
+            model_ref: model_ref.to_owned(),
+            shard_index: index,
+            total_shards: total,
+            tensor_table_digest: None,
+        }
+    }
+
+    fn attested(record: SealRecord, tag: Tag) -> AttestedShard {
+        AttestedShard {
+            seal_tag: tag,
+            device_name: format!("sim device {}", record.gpu_device),
+            driver_version: "sim".to_owned(),
+            unified_memory: None,
+            residency: Residency::Simulated,
+            verified_digest: record.digest,
+            verified_bytes: record.vram_bytes,
+            verify_elapsed_ns: 1000,
+            record,
+        }
+    }
+
+    /// A model of 3 shards on 3 sim GPUs, sealed and attested with the test token's keys.
+    fn sample() -> ModelAttestation {
+        let keys = token().derive_keys();
+        let shards: Vec<AttestedShard> = (0..3)
+            .map(|i| {
+                let record = shard_record("example/model", i, 3, 10);
+                let tag = record.sign(&keys.seal).unwrap();
+                attested(record, tag)
+            })
+            .collect();
+        let model = ModelSealRecord {
+            backend: crate::backend::BackendKind::Sim,
+            model_ref: "example/model".to_owned(),
+            sealed_at_ns: 1_700_000_001_000_000_000,
+            shards: shards
+                .iter()
+                .map(|s| ModelShardEntry::new(&s.record, &s.seal_tag))
+                .collect(),
+        };
+        ModelAttestation {
+            model_tag: model.sign(&keys.seal).unwrap(),
+            model,
+            shards,
+            nonce: NONCE.to_vec(),
+            attested_at_ns: 1_700_000_002_000_000_000,
+            verify_elapsed_ns: 5000,
+            audit_head: Some(AuditHead {
+                seq: 7,
+                hash: [5; 32],
+            }),
+        }
+    }
+
+    fn signed(a: &ModelAttestation) -> AttestationEnvelope {
+        a.sign(&token().derive_keys().identity).unwrap()
+    }
+
+    fn signed_bytes(payload: Vec<u8>) -> AttestationEnvelope {
+        AttestationEnvelope::sign_payload(&token().derive_keys().identity, payload)
+    }
+
+    #[test]
+    fn a_model_attestation_verifies_with_the_public_key_alone_and_the_right_nonce_vp_006() {
+        let envelope = signed(&sample());
+        let back = AttestationEnvelope::from_json(&envelope.to_json().to_string()).unwrap();
+        assert_eq!(
+            back.predicate_type().as_deref(),
+            Some(MODEL_PREDICATE_TYPE)
+        );
+        let public = token().public_key();
+        let stated = back.verify_model(&public, &NONCE).unwrap();
+        assert_eq!(stated.shards.len(), 3);
+        assert_eq!(stated.model.model_ref, "example/model");
+        assert_eq!(stated.total_bytes(), 4096 * (1 + 2 + 3));
+        assert_eq!(
+            stated.model.encode().unwrap(),
+            sample().model.encode().unwrap()
+        );
+        assert!(matches!(
+            back.verify_any(&public, &NONCE).unwrap(),
+            VerifiedAttestation::Model(_)
+        ));
+        let err = back.verify_model(&public, &[0xac; 16]).unwrap_err().to_string();
+        assert!(err.contains("nonce"), "{err}");
+        let other = WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdeX".to_vec())
+            .unwrap()
+            .public_key();
+        let err = back.verify_model(&other, &NONCE).unwrap_err().to_string();
+        assert!(err.contains("another worker"), "{err}");
+
+        // The statement: one subject per shard, in index order, with its fs-verity digest.
+        let statement: serde_json::Value = serde_json::from_slice(back.payload()).unwrap();
+        assert_eq!(statement["predicateType"], MODEL_PREDICATE_TYPE);
+        assert_eq!(statement["subject"].as_array().unwrap().len(), 3);
+        assert_eq!(statement["subject"][1]["name"], "10-shard-1");
+        assert_eq!(
+            statement["subject"][1]["digest"]["fsverity-sha256"],
+            hex::encode([11u8; 32])
+        );
+        assert_eq!(statement["predicate"]["backend"], "sim");
+        assert_eq!(statement["predicate"]["model"]["total_shards"], 3);
+    }
+
+    #[test]
+    fn the_shard_verifier_refuses_a_model_statement_and_the_model_verifier_a_shard_statement_vp_006()
+     {
+        let public = token().public_key();
+        let model = signed(&sample());
+        let err = model.verify(&public, &NONCE).unwrap_err().to_string();
+        assert!(err.contains("model attestation"), "{err}");
+
+        let shard = crate::doc_examples::worked_example_attestation();
+        let nonce = shard.nonce.clone();
+        let envelope = shard.sign(&token().derive_keys().identity).unwrap();
+        assert!(envelope.verify(&public, &nonce).is_ok());
+        let err = envelope.verify_model(&public, &nonce).unwrap_err().to_string();
+        assert!(err.contains("shard attestation"), "{err}");
+        assert!(matches!(
+            envelope.verify_any(&public, &nonce).unwrap(),
+            VerifiedAttestation::Shard(_)
+        ));
+    }
+
+    #[test]
+    fn changed_bytes_anywhere_in_a_model_statement_fail_vp_006() {
+        let envelope = signed(&sample());
+        let public = token().public_key();
+        let payload = envelope.payload().to_vec();
+        // Every 23rd byte and the last (every byte, as the shard statement's test does, takes over a
+        // minute in a debug build: each try is an Ed25519 verification).
+        let picks = (0..payload.len())
+            .step_by(23)
+            .chain(std::iter::once(payload.len() - 1));
+        for i in picks {
+            let mut changed = payload.clone();
+            changed[i] ^= 0x01;
+            let forged = AttestationEnvelope::from_json(
+                &serde_json::json!({
+                    "payloadType": PAYLOAD,
+                    "payload": base64_of(&changed),
+                    "signatures": [{"keyid": public.key_id(), "sig": base64_of(envelope.signature())}],
+                })
+                .to_string(),
+            )
+            .unwrap();
+            let err = forged.verify_model(&public, &NONCE).unwrap_err().to_string();
+            assert!(err.contains("signature does not verify"), "byte {i}: {err}");
+        }
+    }
+
+    const PAYLOAD: &str = crate::attestation::PAYLOAD_TYPE;
+
+    fn base64_of(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    /// Signs `a` with the worker key and returns the verifier's error.
+    fn refused(a: &ModelAttestation) -> String {
+        signed(a)
+            .verify_model(&token().public_key(), &NONCE)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn an_incomplete_model_statement_is_refused_even_when_signed_vp_006() {
+        let keys = token().derive_keys();
+
+        // A shard missing.
+        let mut a = sample();
+        a.shards.pop();
+        let err = refused(&a);
+        assert!(err.contains("shard 2 of the model seal is missing"), "{err}");
+
+        // A shard twice (in place of another).
+        let mut a = sample();
+        a.shards[2] = a.shards[1].clone();
+        let err = refused(&a);
+        assert!(err.contains("shard 1 appears more than once"), "{err}");
+
+        // An extra shard, beyond the model's count.
+        let mut a = sample();
+        let record = shard_record("example/model", 3, 4, 10);
+        let tag = record.sign(&keys.seal).unwrap();
+        a.shards.push(attested(record, tag));
+        let err = refused(&a);
+        assert!(err.contains("shard 3") && err.contains("not part of the model"), "{err}");
+
+        // A shard of another model (other bytes, its own valid seal) in place of shard 1.
+        let mut a = sample();
+        let record = shard_record("example/model", 1, 3, 10);
+        let foreign = SealRecord {
+            digest: Digest::from_bytes([0xee; 32]),
+            ..record
+        };
+        let tag = foreign.sign(&keys.seal).unwrap();
+        a.shards[1] = attested(foreign, tag);
+        let err = refused(&a);
+        assert!(
+            err.contains("shard 1") && err.contains("its digest differs"),
+            "{err}"
+        );
+
+        // The same bytes sealed again (another seal tag) are not the model's shard either.
+        let mut a = sample();
+        let mut resealed = a.shards[0].record.clone();
+        resealed.sealed_at_ns += 1;
+        a.shards[0].seal_tag = resealed.sign(&keys.seal).unwrap();
+        let err = refused(&a);
+        assert!(err.contains("its seal tag differs"), "{err}");
+
+        // Shards out of index order.
+        let mut a = sample();
+        a.shards.swap(0, 1);
+        let err = refused(&a);
+        assert!(err.contains("not in index order"), "{err}");
+
+        // A shard whose own seal names another model or another shard count.
+        let mut a = sample();
+        a.shards[2].record.model_ref = "example/other".to_owned();
+        let err = refused(&a);
+        assert!(err.contains("shard 2's seal names model"), "{err}");
+        let mut a = sample();
+        a.shards[2].record.total_shards = 4;
+        let err = refused(&a);
+        assert!(err.contains("says the model has 4"), "{err}");
+
+        // A fresh digest that is not the sealed one; a residency that does not fit the backend.
+        let mut a = sample();
+        a.shards[1].verified_digest = Digest::from_bytes([0; 32]);
+        let err = refused(&a);
+        assert!(err.contains("shard 1: the re-measured digest"), "{err}");
+        let mut a = sample();
+        a.shards[0].residency = Residency::DeviceMemory;
+        let err = refused(&a);
+        assert!(err.contains("does not fit the backend"), "{err}");
+        let mut a = sample();
+        a.shards[0].verified_bytes -= 1;
+        let err = refused(&a);
+        assert!(err.contains("byte count"), "{err}");
+    }
+
+    #[test]
+    fn a_model_statement_whose_subjects_or_backend_differ_from_the_model_seal_is_refused_vp_006() {
+        let statement = String::from_utf8(sample().statement_bytes().unwrap()).unwrap();
+        let public = token().public_key();
+        let first = format!("{{\"name\":\"10-shard-0\",\"digest\":{{\"fsverity-sha256\":\"{}\"}}}},", hex::encode([10u8; 32]));
+        assert!(statement.contains(&first), "{statement}");
+        for (from, to, expect) in [
+            // A subject dropped.
+            (first.as_str(), "", "2 subject(s)"),
+            // A subject with another digest.
+            (
+                "\"fsverity-sha256\":\"0b0b",
+                "\"fsverity-sha256\":\"0c0b",
+                "subject 1 is not shard 1",
+            ),
+            (
+                "\"predicate\":{\"backend\":\"sim\"",
+                "\"predicate\":{\"backend\":\"cuda\"",
+                "backend",
+            ),
+            // A spelled-out field that disagrees with the record's bytes.
+            (
+                "\"model_ref\":\"example/model\",\"total_shards\"",
+                "\"model_ref\":\"example/other\",\"total_shards\"",
+                "canonical form",
+            ),
+        ] {
+            assert!(statement.contains(from), "{from}");
+            let edited = statement.replacen(from, to, 1).into_bytes();
+            let err = signed_bytes(edited)
+                .verify_model(&public, &NONCE)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{from}: {err}");
+        }
+    }
+}
