@@ -196,7 +196,9 @@ pub enum VramError {
 
     /// The shards given for a model lack one that its model seal names (or, when sealing, one of
     /// `0..total_shards`).
-    #[error("model {model_ref:?}: shard {shard_index} is missing (every shard 0..{total_shards} must be given exactly once)")]
+    #[error(
+        "model {model_ref:?}: shard {shard_index} is missing (every shard 0..{total_shards} must be given exactly once)"
+    )]
     ModelShardMissing {
         /// The model.
         model_ref: String,
@@ -207,7 +209,9 @@ pub enum VramError {
     },
 
     /// Two of the shards given for a model have the same index.
-    #[error("model {model_ref:?}: shard {shard_index} is given more than once (every shard must be given exactly once)")]
+    #[error(
+        "model {model_ref:?}: shard {shard_index} is given more than once (every shard must be given exactly once)"
+    )]
     ModelShardDuplicated {
         /// The model.
         model_ref: String,
@@ -216,7 +220,9 @@ pub enum VramError {
     },
 
     /// A shard given for a model has an index the model does not have.
-    #[error("model {model_ref:?}: shard {shard_index} is not part of the model (it has {total_shards} shard(s), 0..{total_shards})")]
+    #[error(
+        "model {model_ref:?}: shard {shard_index} is not part of the model (it has {total_shards} shard(s), 0..{total_shards})"
+    )]
     ModelShardExtra {
         /// The model.
         model_ref: String,
@@ -229,7 +235,9 @@ pub enum VramError {
     /// A shard given for a model is not the one the model seal names at its index (another model's,
     /// another version's, another seal of the same bytes), or does not agree with the other shards
     /// on the model (its `model_ref`, `total_shards` or backend).
-    #[error("model {model_ref:?}: shard {shard_index} ({shard_id}) is not the model's shard {shard_index}: {reason}")]
+    #[error(
+        "model {model_ref:?}: shard {shard_index} ({shard_id}) is not the model's shard {shard_index}: {reason}"
+    )]
     ModelShardMismatch {
         /// The model.
         model_ref: String,
@@ -244,7 +252,10 @@ pub enum VramError {
     /// A shard of a model failed its verification (forgery, corruption, policy violation, ...): the
     /// first such shard by index, with its error; the others that failed in the same verification
     /// are in `others`. Each failure followed the shard's own path (audited, the worker stopped).
-    #[error("model {model_ref:?}: shard {shard_index} failed verification: {error}{}", other_failures(others))]
+    #[error(
+        "model {model_ref:?}: shard {shard_index} failed verification: {error}{}",
+        other_failures(others)
+    )]
     ModelShardFailed {
         /// The model.
         model_ref: String,

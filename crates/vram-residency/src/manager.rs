@@ -1280,8 +1280,7 @@ fn slot_shards<'a>(
     total: u32,
     shards: &[&'a SealedShard],
 ) -> Result<Vec<&'a SealedShard>> {
-    let mut slots: Vec<Option<&'a SealedShard>> =
-        vec![None; usize::try_from(total).unwrap_or(0)];
+    let mut slots: Vec<Option<&'a SealedShard>> = vec![None; usize::try_from(total).unwrap_or(0)];
     if let Some(extra) = shards.iter().find(|s| s.record.shard_index >= total) {
         return Err(VramError::ModelShardExtra {
             model_ref: model_ref.to_owned(),

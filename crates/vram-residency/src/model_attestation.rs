@@ -29,12 +29,12 @@
 //! The shard verifier ([`AttestationEnvelope::verify`]) refuses a model statement and this one
 //! refuses a shard statement. `docs/attestation.md` ("Model attestation") specifies it.
 
-use crate::attestation::{
-    MODEL_PREDICATE_TYPE, STATEMENT_TYPE, Subject, SubjectDigest, WireDevice,
-    WireHead, WireResidency, WireSeal, WireVerification, check_residency_fits, malformed,
-    parse_digest, parse_tag, validate_nonce,
-};
 use crate::attestation::{AttestationEnvelope, PREDICATE_TYPE};
+use crate::attestation::{
+    MODEL_PREDICATE_TYPE, STATEMENT_TYPE, Subject, SubjectDigest, WireDevice, WireHead,
+    WireResidency, WireSeal, WireVerification, check_residency_fits, malformed, parse_digest,
+    parse_tag, validate_nonce,
+};
 use crate::audit::AuditHead;
 use crate::backend::{Residency, UnifiedMemoryFacts};
 use crate::digest::Digest;
@@ -289,9 +289,7 @@ impl ModelAttestation {
                     )));
                 }
                 Some(true) => {
-                    return Err(invalid(format!(
-                        "shard {index} appears more than once"
-                    )));
+                    return Err(invalid(format!("shard {index} appears more than once")));
                 }
                 Some(slot) => *slot = true,
             }
@@ -404,7 +402,11 @@ impl AttestationEnvelope {
     ///
     /// # Errors
     /// As the verifier chosen.
-    pub fn verify_any(&self, key: &PublicKey, expected_nonce: &[u8]) -> Result<VerifiedAttestation> {
+    pub fn verify_any(
+        &self,
+        key: &PublicKey,
+        expected_nonce: &[u8],
+    ) -> Result<VerifiedAttestation> {
         if self.predicate_type().as_deref() == Some(MODEL_PREDICATE_TYPE) {
             self.verify_model(key, expected_nonce)
                 .map(|a| VerifiedAttestation::Model(Box::new(a)))
@@ -555,10 +557,7 @@ mod tests {
     fn a_model_attestation_verifies_with_the_public_key_alone_and_the_right_nonce_vp_006() {
         let envelope = signed(&sample());
         let back = AttestationEnvelope::from_json(&envelope.to_json().to_string()).unwrap();
-        assert_eq!(
-            back.predicate_type().as_deref(),
-            Some(MODEL_PREDICATE_TYPE)
-        );
+        assert_eq!(back.predicate_type().as_deref(), Some(MODEL_PREDICATE_TYPE));
         let public = token().public_key();
         let stated = back.verify_model(&public, &NONCE).unwrap();
         assert_eq!(stated.shards.len(), 3);
@@ -572,7 +571,10 @@ mod tests {
             back.verify_any(&public, &NONCE).unwrap(),
             VerifiedAttestation::Model(_)
         ));
-        let err = back.verify_model(&public, &[0xac; 16]).unwrap_err().to_string();
+        let err = back
+            .verify_model(&public, &[0xac; 16])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nonce"), "{err}");
         let other = WorkerToken::from_bytes(b"0123456789abcdef0123456789abcdeX".to_vec())
             .unwrap()
@@ -605,7 +607,10 @@ mod tests {
         let nonce = shard.nonce.clone();
         let envelope = shard.sign(&token().derive_keys().identity).unwrap();
         assert!(envelope.verify(&public, &nonce).is_ok());
-        let err = envelope.verify_model(&public, &nonce).unwrap_err().to_string();
+        let err = envelope
+            .verify_model(&public, &nonce)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("shard attestation"), "{err}");
         assert!(matches!(
             envelope.verify_any(&public, &nonce).unwrap(),
@@ -635,7 +640,10 @@ mod tests {
                 .to_string(),
             )
             .unwrap();
-            let err = forged.verify_model(&public, &NONCE).unwrap_err().to_string();
+            let err = forged
+                .verify_model(&public, &NONCE)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("signature does not verify"), "byte {i}: {err}");
         }
     }
@@ -663,7 +671,10 @@ mod tests {
         let mut a = sample();
         a.shards.pop();
         let err = refused(&a);
-        assert!(err.contains("shard 2 of the model seal is missing"), "{err}");
+        assert!(
+            err.contains("shard 2 of the model seal is missing"),
+            "{err}"
+        );
 
         // A shard twice (in place of another).
         let mut a = sample();
@@ -677,7 +688,10 @@ mod tests {
         let tag = record.sign(&keys.seal).unwrap();
         a.shards.push(attested(record, tag));
         let err = refused(&a);
-        assert!(err.contains("shard 3") && err.contains("not part of the model"), "{err}");
+        assert!(
+            err.contains("shard 3") && err.contains("not part of the model"),
+            "{err}"
+        );
 
         // A shard of another model (other bytes, its own valid seal) in place of shard 1.
         let mut a = sample();
@@ -737,7 +751,10 @@ mod tests {
     fn a_model_statement_whose_subjects_or_backend_differ_from_the_model_seal_is_refused_vp_006() {
         let statement = String::from_utf8(sample().statement_bytes().unwrap()).unwrap();
         let public = token().public_key();
-        let first = format!("{{\"name\":\"10-shard-0\",\"digest\":{{\"fsverity-sha256\":\"{}\"}}}},", hex::encode([10u8; 32]));
+        let first = format!(
+            "{{\"name\":\"10-shard-0\",\"digest\":{{\"fsverity-sha256\":\"{}\"}}}},",
+            hex::encode([10u8; 32])
+        );
         assert!(statement.contains(&first), "{statement}");
         for (from, to, expect) in [
             // A subject dropped.

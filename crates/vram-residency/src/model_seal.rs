@@ -108,7 +108,10 @@ impl ModelShardEntry {
 
 /// Constant-time equality of two public tags.
 pub(crate) fn tags_equal(a: &Tag, b: &Tag) -> bool {
-    bool::from(subtle::ConstantTimeEq::ct_eq(&a.as_bytes()[..], &b.as_bytes()[..]))
+    bool::from(subtle::ConstantTimeEq::ct_eq(
+        &a.as_bytes()[..],
+        &b.as_bytes()[..],
+    ))
 }
 
 /// Everything a model seal covers. Public data; the tag over its [`encode`](Self::encode)d form is
@@ -183,7 +186,12 @@ impl ModelSealRecord {
     /// # Errors
     /// [`VramError::MalformedRecord`] naming the first problem.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Decoder::new(bytes, "model seal record", MODEL_SEAL_DOMAIN, MODEL_SEAL_VERSION)?;
+        let mut r = Decoder::new(
+            bytes,
+            "model seal record",
+            MODEL_SEAL_DOMAIN,
+            MODEL_SEAL_VERSION,
+        )?;
         let backend =
             BackendKind::from_code(r.u8()?).ok_or_else(|| malformed("unknown backend code"))?;
         let model_ref = r.str()?.to_owned();
@@ -506,7 +514,10 @@ mod tests {
         let tag = record.sign(&key).unwrap();
         let model = SealedModel { record, tag };
         let shown = format!("{model:?}");
-        assert!(shown.starts_with("SealedModel { record: ModelSealRecord {"), "{shown}");
+        assert!(
+            shown.starts_with("SealedModel { record: ModelSealRecord {"),
+            "{shown}"
+        );
         assert!(!shown.contains(&tag.to_hex()), "{shown}");
     }
 }
