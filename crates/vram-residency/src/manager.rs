@@ -1005,7 +1005,8 @@ impl VramManager {
         ))
     }
 
-    /// Verifies the shards of one GPU, one after another (a thread of [`verify_model`]).
+    /// Verifies the shards of one GPU, one after another (a thread of
+    /// [`verify_model`](Self::verify_model)).
     fn verify_gpu_group(&self, gpu: u32, group: &[(u32, &SealedShard)]) -> GpuOutcome {
         let started = Instant::now();
         let results: Vec<(u32, Result<VerifyReport>)> = group
