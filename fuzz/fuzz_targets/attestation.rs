@@ -1,5 +1,6 @@
-//! Fuzz the attestation decoder and verifier: parsing a DSSE envelope and verifying it (signature,
-//! strict statement parsing, consistency) must never panic, whatever the bytes.
+//! Fuzz the attestation decoder and verifiers: parsing a DSSE envelope and verifying it as a shard's
+//! or a model's attestation (signature, strict statement parsing, consistency, completeness) must never
+//! panic, whatever the bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -17,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
             .public_key();
         let nonce: Vec<u8> = (0u8..16).collect();
         let _ = envelope.verify(&public, &nonce);
+        let _ = envelope.verify_model(&public, &nonce);
         // Whatever parsed must re-parse from its own JSON form to the same payload.
         let again = AttestationEnvelope::from_json(&envelope.to_json().to_string())
             .expect("an accepted envelope must re-parse from its own JSON");

@@ -12,7 +12,9 @@ use clap::{Args, Subcommand};
 use vram_residency::attestation::{AttestationEnvelope, MAX_ENVELOPE_BYTES, parse_nonce_hex};
 use vram_residency::audit_log::verify_log;
 use vram_residency::shard::from_unix_nanos;
-use vram_residency::{AuditHead, BackendKind, PublicKey};
+use vram_residency::{
+    Attestation, AuditHead, BackendKind, ModelAttestation, PublicKey, VerifiedAttestation,
+};
 
 use crate::cli::{load_token, usage_of};
 
@@ -42,8 +44,9 @@ pub enum AuditCommand {
 #[derive(Debug, Subcommand)]
 pub enum AttestCommand {
     /// Verify an attestation (the DSSE envelope a worker returned) with the worker's public key and
-    /// the nonce you sent. Exits 1 when the signature does not verify (changed, or another key), the
-    /// statement is inconsistent, or the nonce differs.
+    /// the nonce you sent: a shard's, or a model's (all its shards in one statement; chosen by the
+    /// statement's predicateType). Exits 1 when the signature does not verify (changed, or another
+    /// key), the statement is inconsistent or (for a model) incomplete, or the nonce differs.
     Verify {
         /// The attestation (DSSE envelope JSON).
         file: PathBuf,
@@ -172,26 +175,93 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         .context("--nonce")
         .map_err(usage_of)?;
     let text = read_small(file, MAX_ENVELOPE_BYTES as u64, "an attestation")?;
-    let verified =
-        AttestationEnvelope::from_json(&text).and_then(|envelope| envelope.verify(&key, &nonce));
-    let attestation = match verified {
-        Ok(attestation) => attestation,
+    let verified = AttestationEnvelope::from_json(&text)
+        .and_then(|envelope| envelope.verify_any(&key, &nonce));
+    match verified {
+        Ok(VerifiedAttestation::Shard(attestation)) => {
+            print_shard_attestation(file, &key, &attestation);
+        }
+        Ok(VerifiedAttestation::Model(attestation)) => {
+            print_model_attestation(file, &key, &attestation);
+        }
         Err(error) => {
             println!("FAILED: {}: {error}", file.display());
             return Ok(ExitCode::FAILURE);
         }
-    };
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_backend(backend: BackendKind) {
+    if backend == BackendKind::Sim {
+        println!("  backend:      sim (simulated device memory in host RAM: NOT VRAM residency)");
+    } else {
+        println!("  backend:      {backend}");
+    }
+}
+
+fn print_audit_head(head: Option<AuditHead>) {
+    match head {
+        Some(head) => println!(
+            "  audit head:   {head} (check the log with `audit verify --expect-head {head}`)"
+        ),
+        None => println!("  audit head:   none (the worker keeps no durable audit log)"),
+    }
+}
+
+fn print_model_attestation(file: &Path, key: &PublicKey, attestation: &ModelAttestation) {
+    let model = &attestation.model;
+    println!(
+        "OK: {}: model attestation verified for this nonce, signed by {}",
+        file.display(),
+        key.key_id()
+    );
+    print_backend(model.backend);
+    println!("  model:        {:?}", model.model_ref);
+    println!(
+        "  shards:       {} (all present, each exactly once, each the one the model seal names)",
+        model.shards.len()
+    );
+    println!(
+        "  model seal:   sealed {}",
+        humantime::format_rfc3339_nanos(from_unix_nanos(model.sealed_at_ns))
+    );
+    for shard in &attestation.shards {
+        let record = &shard.record;
+        println!(
+            "  shard {:>4}:   {} GPU {} {:?} uuid {} {} {} verified",
+            record.shard_index,
+            record.shard_id,
+            record.gpu_device,
+            shard.device_name,
+            vram_residency::shard::format_uuid(&record.device_uuid),
+            record.digest,
+            vram_residency::ids::bytes(record.vram_bytes),
+        );
+    }
+    if let Some(first) = attestation.shards.first() {
+        println!("  driver:       {}", first.driver_version);
+    }
+    println!(
+        "  attested_at:  {}",
+        humantime::format_rfc3339_nanos(from_unix_nanos(attestation.attested_at_ns))
+    );
+    println!(
+        "  verification: {} re-hashed in {} ns (GPUs in parallel), every digest the sealed one",
+        vram_residency::ids::bytes(attestation.total_bytes()),
+        attestation.verify_elapsed_ns
+    );
+    print_audit_head(attestation.audit_head);
+}
+
+fn print_shard_attestation(file: &Path, key: &PublicKey, attestation: &Attestation) {
     let record = &attestation.record;
     println!(
         "OK: {}: attestation verified for this nonce, signed by {}",
         file.display(),
         key.key_id()
     );
-    if record.backend == BackendKind::Sim {
-        println!("  backend:      sim (simulated device memory in host RAM: NOT VRAM residency)");
-    } else {
-        println!("  backend:      {}", record.backend);
-    }
+    print_backend(record.backend);
     println!("  shard:        {}", record.shard_id);
     if !record.model_ref.is_empty() {
         println!(
@@ -233,13 +303,7 @@ pub fn attest(command: &AttestCommand) -> anyhow::Result<ExitCode> {
         attestation.verified_digest,
         attestation.verify_elapsed_ns
     );
-    match attestation.audit_head {
-        Some(head) => println!(
-            "  audit head:   {head} (check the log with `audit verify --expect-head {head}`)"
-        ),
-        None => println!("  audit head:   none (the worker keeps no durable audit log)"),
-    }
-    Ok(ExitCode::SUCCESS)
+    print_audit_head(attestation.audit_head);
 }
 
 /// Reads a small text file (`what` it should be, for the message), refusing one over `max` bytes

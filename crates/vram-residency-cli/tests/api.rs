@@ -29,6 +29,8 @@ mod fsverity_oracle;
 mod gpu;
 #[path = "api/manager.rs"]
 mod manager;
+#[path = "api/model.rs"]
+mod model;
 #[path = "api/openapi.rs"]
 mod openapi;
 #[path = "api/properties.rs"]

@@ -91,7 +91,9 @@ pub fn to_py(py: Python<'_>, error: VramError) -> PyErr {
                 Err(e) => e,
             }
         }
-        VramError::SealForgery { .. } => ForgeryError::new_err(message),
+        VramError::SealForgery { .. } | VramError::ModelSealForgery { .. } => {
+            ForgeryError::new_err(message)
+        }
         VramError::PolicyViolation { .. } => PolicyViolationError::new_err(message),
         VramError::WorkerStopped { .. } => WorkerStoppedError::new_err(message),
         VramError::ShardInUse { .. } => ShardInUseError::new_err(message),

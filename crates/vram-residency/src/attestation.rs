@@ -50,6 +50,9 @@ pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 /// Our predicate type (versioned). The project has no domain of its own yet; the URI uses the
 /// workspace's placeholder repository address and will change with it (as a new version).
 pub const PREDICATE_TYPE: &str = "https://example.invalid/vram-residency/residency/v1";
+/// The predicate type of a model attestation (all shards of one model in one statement; see
+/// [`crate::model_attestation`]).
+pub const MODEL_PREDICATE_TYPE: &str = "https://example.invalid/vram-residency/model-residency/v1";
 /// The in-toto digest-set key of a subject's fs-verity digest (not a plain SHA-256 of the file).
 pub const SUBJECT_DIGEST_KEY: &str = "fsverity-sha256";
 /// Shortest nonce accepted, in bytes.
@@ -143,22 +146,14 @@ impl Attestation {
 
     /// Signs the statement with the worker's identity.
     pub(crate) fn sign(&self, identity: &WorkerIdentity) -> Result<AttestationEnvelope> {
-        let payload = self.statement_bytes()?;
-        let signature = identity.sign_dsse(PAYLOAD_TYPE, &payload);
-        Ok(AttestationEnvelope {
-            payload,
-            key_id: identity.public_key().key_id(),
-            signature,
-        })
+        Ok(AttestationEnvelope::sign_payload(
+            identity,
+            self.statement_bytes()?,
+        ))
     }
 
     fn to_wire(&self) -> Result<Statement> {
         let record = &self.record;
-        let (verdict, detail) = match &self.residency {
-            Residency::DeviceMemory => ("device_memory", None),
-            Residency::Simulated => ("simulated", None),
-            Residency::Violation(detail) => ("violation", Some(detail.clone())),
-        };
         Ok(Statement {
             type_: STATEMENT_TYPE.to_owned(),
             subject: vec![Subject {
@@ -170,35 +165,14 @@ impl Attestation {
             predicate_type: PREDICATE_TYPE.to_owned(),
             predicate: Predicate {
                 backend: record.backend.name().to_owned(),
-                seal: WireSeal {
-                    record: hex::encode(record.encode()?),
-                    tag: format!(
-                        "{}{}",
-                        crate::shard::SEAL_TAG_PREFIX,
-                        self.seal_tag.to_hex()
-                    ),
-                    shard_id: record.shard_id.as_str().to_owned(),
-                    model_ref: record.model_ref.clone(),
-                    shard_index: record.shard_index,
-                    total_shards: record.total_shards,
-                    digest: record.digest.to_string(),
-                    vram_bytes: record.vram_bytes,
-                    gpu_device: record.gpu_device,
-                    sealed_at_ns: record.sealed_at_ns,
-                    tensor_table_digest: record
-                        .tensor_table_digest
-                        .map(|d| format!("sha256:{}", hex::encode(d))),
-                },
+                seal: WireSeal::new(record, &self.seal_tag)?,
                 device: WireDevice {
                     uuid: format_uuid(&record.device_uuid),
                     name: self.device_name.clone(),
                     driver_version: self.driver_version.clone(),
                     unified_memory: self.unified_memory,
                 },
-                residency: WireResidency {
-                    verdict: verdict.to_owned(),
-                    detail,
-                },
+                residency: WireResidency::new(&self.residency),
                 nonce: hex::encode(&self.nonce),
                 attested_at_ns: self.attested_at_ns,
                 verification: WireVerification {
@@ -207,10 +181,7 @@ impl Attestation {
                     vram_bytes: self.verified_bytes,
                     elapsed_ns: self.verify_elapsed_ns,
                 },
-                audit_head: self.audit_head.map(|head| WireHead {
-                    seq: head.seq,
-                    hash: hex::encode(head.hash),
-                }),
+                audit_head: self.audit_head.map(WireHead::new),
             },
         })
     }
@@ -225,53 +196,27 @@ impl Attestation {
             )));
         }
         let predicate = &wire.predicate;
-        let record_bytes =
-            hex::decode(&predicate.seal.record).map_err(|_| malformed("seal.record is not hex"))?;
-        let record = SealRecord::decode(&record_bytes)?;
+        let (record, seal_tag) = predicate.seal.decode()?;
         if predicate.verification.result != "verified" {
             return Err(malformed("unknown verification result"));
         }
-        let residency = match (
-            predicate.residency.verdict.as_str(),
-            &predicate.residency.detail,
-        ) {
-            ("device_memory", None) => Residency::DeviceMemory,
-            ("simulated", None) => Residency::Simulated,
-            ("violation", Some(detail)) => Residency::Violation(detail.clone()),
-            _ => return Err(malformed("unknown residency verdict")),
-        };
+        let residency = predicate.residency.decode()?;
         Ok(Self {
             record,
-            seal_tag: Tag::from_bytes(hex32(
-                predicate
-                    .seal
-                    .tag
-                    .strip_prefix(crate::shard::SEAL_TAG_PREFIX)
-                    .ok_or_else(|| malformed("seal.tag does not start with hmac-sha256:"))?,
-                "seal.tag",
-            )?),
+            seal_tag,
             device_name: predicate.device.name.clone(),
             driver_version: predicate.device.driver_version.clone(),
             unified_memory: predicate.device.unified_memory,
             residency,
             nonce: hex::decode(&predicate.nonce).map_err(|_| malformed("nonce is not hex"))?,
             attested_at_ns: predicate.attested_at_ns,
-            verified_digest: predicate
-                .verification
-                .digest
-                .parse()
-                .map_err(|e: crate::ids::InvalidDigest| malformed(&e.to_string()))?,
+            verified_digest: parse_digest(&predicate.verification.digest, "verification.digest")?,
             verified_bytes: predicate.verification.vram_bytes,
             verify_elapsed_ns: predicate.verification.elapsed_ns,
             audit_head: predicate
                 .audit_head
                 .as_ref()
-                .map(|head| {
-                    Ok::<_, VramError>(AuditHead {
-                        seq: head.seq,
-                        hash: hex32(&head.hash, "audit_head.hash")?,
-                    })
-                })
+                .map(WireHead::decode)
                 .transpose()?,
         })
     }
@@ -292,18 +237,7 @@ impl Attestation {
                 "the re-hashed byte count is not the sealed byte count",
             ));
         }
-        match (&self.residency, self.record.backend) {
-            (Residency::DeviceMemory, BackendKind::Cuda)
-            | (Residency::Simulated, BackendKind::Sim) => {}
-            (Residency::Violation(_), _) => {
-                return Err(invalid("the worker reports a VRAM-only policy violation"));
-            }
-            _ => {
-                return Err(invalid(
-                    "the residency verdict does not fit the backend (device_memory goes with cuda, simulated with sim)",
-                ));
-            }
-        }
+        check_residency_fits(&self.residency, self.record.backend).map_err(invalid)?;
         if self.nonce != expected_nonce {
             return Err(invalid(
                 "the nonce is not the one given: a replayed or foreign attestation",
@@ -313,7 +247,85 @@ impl Attestation {
     }
 }
 
+/// Whether a residency verdict is acceptable for a backend: `device_memory` with `cuda`, `simulated`
+/// with `sim`; a violation never. `Err` is the reason, for an error message.
+pub(crate) fn check_residency_fits(
+    residency: &Residency,
+    backend: BackendKind,
+) -> std::result::Result<(), &'static str> {
+    match (residency, backend) {
+        (Residency::DeviceMemory, BackendKind::Cuda) | (Residency::Simulated, BackendKind::Sim) => {
+            Ok(())
+        }
+        (Residency::Violation(_), _) => Err("the worker reports a VRAM-only policy violation"),
+        _ => Err(
+            "the residency verdict does not fit the backend (device_memory goes with cuda, simulated with sim)",
+        ),
+    }
+}
+
 impl AttestationEnvelope {
+    /// An envelope around `payload`, signed by `identity` (DSSE).
+    pub(crate) fn sign_payload(identity: &WorkerIdentity, payload: Vec<u8>) -> Self {
+        let signature = identity.sign_dsse(PAYLOAD_TYPE, &payload);
+        Self {
+            payload,
+            key_id: identity.public_key().key_id(),
+            signature,
+        }
+    }
+
+    /// The statement's `predicateType`, read from the payload **without** checking the signature:
+    /// for choosing which verifier to call ([`verify`](Self::verify) for a shard,
+    /// [`verify_model`](Self::verify_model) for a model). `None` when the payload is not a JSON
+    /// object with a string `predicateType`.
+    #[must_use]
+    pub fn predicate_type(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            #[serde(rename = "predicateType")]
+            predicate_type: String,
+        }
+        serde_json::from_slice::<Peek>(&self.payload)
+            .ok()
+            .map(|peek| peek.predicate_type)
+    }
+
+    /// Checks the Ed25519 signature over the DSSE PAE with `key` (strict), and that the envelope names
+    /// that key.
+    ///
+    /// # Errors
+    /// [`VramError::AttestationInvalid`].
+    pub(crate) fn check_signature(&self, key: &PublicKey) -> Result<()> {
+        if key
+            .verify_dsse(PAYLOAD_TYPE, &self.payload, &self.signature)
+            .is_err()
+        {
+            let reason = if self.key_id == key.key_id() {
+                "the signature does not verify: the statement was changed".to_owned()
+            } else {
+                format!(
+                    "the signature does not verify with key {}: the envelope names key {:?} (another worker, or a forgery)",
+                    key.key_id(),
+                    self.key_id
+                )
+            };
+            return Err(VramError::AttestationInvalid { reason });
+        }
+        if self.key_id != key.key_id() {
+            // DSSE's keyid is an unsigned hint; one that names another key is refused all the same,
+            // so that no byte of an accepted envelope can be changed.
+            return Err(VramError::AttestationInvalid {
+                reason: format!(
+                    "the envelope names key {:?}, not {}",
+                    self.key_id,
+                    key.key_id()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The signed payload (the in-toto Statement's bytes).
     #[must_use]
     pub fn payload(&self) -> &[u8] {
@@ -390,31 +402,11 @@ impl AttestationEnvelope {
     /// [`VramError::AttestationInvalid`] (signature, consistency, nonce) or
     /// [`VramError::MalformedRecord`] (a signed payload that is not a statement of ours).
     pub fn verify(&self, key: &PublicKey, expected_nonce: &[u8]) -> Result<Attestation> {
-        if key
-            .verify_dsse(PAYLOAD_TYPE, &self.payload, &self.signature)
-            .is_err()
-        {
-            let reason = if self.key_id == key.key_id() {
-                "the signature does not verify: the statement was changed".to_owned()
-            } else {
-                format!(
-                    "the signature does not verify with key {}: the envelope names key {:?} (another worker, or a forgery)",
-                    key.key_id(),
-                    self.key_id
-                )
-            };
-            return Err(VramError::AttestationInvalid { reason });
-        }
-        if self.key_id != key.key_id() {
-            // DSSE's keyid is an unsigned hint; one that names another key is refused all the same,
-            // so that no byte of an accepted envelope can be changed.
-            return Err(VramError::AttestationInvalid {
-                reason: format!(
-                    "the envelope names key {:?}, not {}",
-                    self.key_id,
-                    key.key_id()
-                ),
-            });
+        self.check_signature(key)?;
+        if self.predicate_type().as_deref() == Some(MODEL_PREDICATE_TYPE) {
+            return Err(malformed(
+                "this is a model attestation (all shards of a model): verify it with verify_model",
+            ));
         }
         let wire: Statement =
             serde_json::from_slice(&self.payload).map_err(|e| malformed(&e.to_string()))?;
@@ -459,81 +451,165 @@ struct Statement {
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Subject {
-    name: String,
-    digest: SubjectDigest,
+pub(crate) struct Subject {
+    pub(crate) name: String,
+    pub(crate) digest: SubjectDigest,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SubjectDigest {
+pub(crate) struct SubjectDigest {
     #[serde(rename = "fsverity-sha256")]
-    fsverity_sha256: String,
+    pub(crate) fsverity_sha256: String,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Predicate {
-    backend: String,
-    seal: WireSeal,
-    device: WireDevice,
-    residency: WireResidency,
-    nonce: String,
-    attested_at_ns: u64,
-    verification: WireVerification,
-    audit_head: Option<WireHead>,
+    pub(crate) backend: String,
+    pub(crate) seal: WireSeal,
+    pub(crate) device: WireDevice,
+    pub(crate) residency: WireResidency,
+    pub(crate) nonce: String,
+    pub(crate) attested_at_ns: u64,
+    pub(crate) verification: WireVerification,
+    pub(crate) audit_head: Option<WireHead>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireSeal {
-    record: String,
-    tag: String,
-    shard_id: String,
-    model_ref: String,
-    shard_index: u32,
-    total_shards: u32,
-    digest: String,
-    vram_bytes: u64,
-    gpu_device: u32,
-    sealed_at_ns: u64,
-    tensor_table_digest: Option<String>,
+pub(crate) struct WireSeal {
+    pub(crate) record: String,
+    pub(crate) tag: String,
+    pub(crate) shard_id: String,
+    pub(crate) model_ref: String,
+    pub(crate) shard_index: u32,
+    pub(crate) total_shards: u32,
+    pub(crate) digest: String,
+    pub(crate) vram_bytes: u64,
+    pub(crate) gpu_device: u32,
+    pub(crate) sealed_at_ns: u64,
+    pub(crate) tensor_table_digest: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireDevice {
-    uuid: String,
-    name: String,
-    driver_version: String,
-    unified_memory: Option<UnifiedMemoryFacts>,
+pub(crate) struct WireDevice {
+    pub(crate) uuid: String,
+    pub(crate) name: String,
+    pub(crate) driver_version: String,
+    pub(crate) unified_memory: Option<UnifiedMemoryFacts>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireResidency {
-    verdict: String,
+pub(crate) struct WireResidency {
+    pub(crate) verdict: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    detail: Option<String>,
+    pub(crate) detail: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireVerification {
-    result: String,
-    digest: String,
-    vram_bytes: u64,
-    elapsed_ns: u64,
+pub(crate) struct WireVerification {
+    pub(crate) result: String,
+    pub(crate) digest: String,
+    pub(crate) vram_bytes: u64,
+    pub(crate) elapsed_ns: u64,
 }
 
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireHead {
-    seq: u64,
-    hash: String,
+pub(crate) struct WireHead {
+    pub(crate) seq: u64,
+    pub(crate) hash: String,
 }
 
-fn malformed(reason: &str) -> VramError {
+impl WireSeal {
+    /// The `seal` object of a shard sealed with `record` and `tag`.
+    pub(crate) fn new(record: &SealRecord, tag: &Tag) -> Result<Self> {
+        Ok(Self {
+            record: hex::encode(record.encode()?),
+            tag: format!("{}{}", crate::shard::SEAL_TAG_PREFIX, tag.to_hex()),
+            shard_id: record.shard_id.as_str().to_owned(),
+            model_ref: record.model_ref.clone(),
+            shard_index: record.shard_index,
+            total_shards: record.total_shards,
+            digest: record.digest.to_string(),
+            vram_bytes: record.vram_bytes,
+            gpu_device: record.gpu_device,
+            sealed_at_ns: record.sealed_at_ns,
+            tensor_table_digest: record
+                .tensor_table_digest
+                .map(|d| format!("sha256:{}", hex::encode(d))),
+        })
+    }
+
+    /// The seal record (decoded strictly from `record`) and the tag. The spelled-out fields are not
+    /// read: the canonical-form check compares them with the record's.
+    pub(crate) fn decode(&self) -> Result<(SealRecord, Tag)> {
+        let record_bytes =
+            hex::decode(&self.record).map_err(|_| malformed("seal.record is not hex"))?;
+        let record = SealRecord::decode(&record_bytes)?;
+        let tag = parse_tag(&self.tag, "seal.tag")?;
+        Ok((record, tag))
+    }
+}
+
+impl WireResidency {
+    pub(crate) fn new(residency: &Residency) -> Self {
+        let (verdict, detail) = match residency {
+            Residency::DeviceMemory => ("device_memory", None),
+            Residency::Simulated => ("simulated", None),
+            Residency::Violation(detail) => ("violation", Some(detail.clone())),
+        };
+        Self {
+            verdict: verdict.to_owned(),
+            detail,
+        }
+    }
+
+    pub(crate) fn decode(&self) -> Result<Residency> {
+        match (self.verdict.as_str(), &self.detail) {
+            ("device_memory", None) => Ok(Residency::DeviceMemory),
+            ("simulated", None) => Ok(Residency::Simulated),
+            ("violation", Some(detail)) => Ok(Residency::Violation(detail.clone())),
+            _ => Err(malformed("unknown residency verdict")),
+        }
+    }
+}
+
+impl WireHead {
+    pub(crate) fn new(head: AuditHead) -> Self {
+        Self {
+            seq: head.seq,
+            hash: hex::encode(head.hash),
+        }
+    }
+
+    pub(crate) fn decode(&self) -> Result<AuditHead> {
+        Ok(AuditHead {
+            seq: self.seq,
+            hash: hex32(&self.hash, "audit_head.hash")?,
+        })
+    }
+}
+
+/// An `hmac-sha256:<hex>` tag.
+pub(crate) fn parse_tag(text: &str, field: &str) -> Result<Tag> {
+    let hex = text
+        .strip_prefix(crate::shard::SEAL_TAG_PREFIX)
+        .ok_or_else(|| malformed(&format!("{field} does not start with hmac-sha256:")))?;
+    Ok(Tag::from_bytes(hex32(hex, field)?))
+}
+
+/// A `sha256:<hex>` digest.
+pub(crate) fn parse_digest(text: &str, field: &str) -> Result<Digest> {
+    text.parse()
+        .map_err(|e: crate::ids::InvalidDigest| malformed(&format!("{field}: {e}")))
+}
+
+pub(crate) fn malformed(reason: &str) -> VramError {
     VramError::MalformedRecord {
         what: "attestation",
         reason: reason.to_owned(),

@@ -76,6 +76,22 @@ pub enum AuditEvent {
         /// Tensors overlapping the damaged ranges (corruption only, when the format is known).
         tensors: Vec<String>,
     },
+    /// The shards of a model were bound together by a model seal.
+    ModelSealed {
+        /// Model reference.
+        model_ref: String,
+        /// Number of shards the model seal names.
+        total_shards: u32,
+        /// SHA-256 of the model seal record's canonical encoding, `sha256:<hex>`.
+        record_digest: String,
+    },
+    /// A model seal did not verify (critical): its record or tag was forged or altered.
+    ModelSealVerificationFailed {
+        /// Model reference, as the (unverified) record names it.
+        model_ref: String,
+        /// Number of shards the (unverified) record names.
+        total_shards: u64,
+    },
     /// Device memory was admitted and allocated.
     VramAllocated {
         /// Shard.
@@ -182,6 +198,7 @@ impl AuditEvent {
         match self {
             Self::VramSealed { .. }
             | Self::SealVerified { .. }
+            | Self::ModelSealed { .. }
             | Self::VramAllocated { .. }
             | Self::VramDeallocated { .. }
             | Self::ServiceStarted { .. }
@@ -191,6 +208,7 @@ impl AuditEvent {
             | Self::AuditLogRecovered { .. }
             | Self::ServiceRunsAsRoot { .. } => Severity::Warning,
             Self::SealVerificationFailed { .. }
+            | Self::ModelSealVerificationFailed { .. }
             | Self::PolicyViolation { .. }
             | Self::WorkerStopped { .. }
             | Self::WorkerTokenRefused { .. } => Severity::Critical,
@@ -204,6 +222,8 @@ impl AuditEvent {
             Self::VramSealed { .. } => "vram_sealed",
             Self::SealVerified { .. } => "seal_verified",
             Self::SealVerificationFailed { .. } => "seal_verification_failed",
+            Self::ModelSealed { .. } => "model_sealed",
+            Self::ModelSealVerificationFailed { .. } => "model_seal_verification_failed",
             Self::VramAllocated { .. } => "vram_allocated",
             Self::VramAllocationFailed { .. } => "vram_allocation_failed",
             Self::VramDeallocated { .. } => "vram_deallocated",

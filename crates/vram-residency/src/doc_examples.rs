@@ -1,4 +1,5 @@
-//! The worked examples of `docs/seal-record.md`, `docs/audit-log.md` and `docs/attestation.md`,
+//! The worked examples of `docs/seal-record.md`, `docs/model-seal.md`, `docs/audit-log.md` and
+//! `docs/attestation.md`,
 //! recomputed from the code, so the docs cannot drift from it. `PRINT_EXAMPLE=1` prints the values.
 //!
 //! The example worker token is `example-worker-token-0123456789abcdef`; its public key is in
@@ -11,11 +12,13 @@ use crate::backend::{BackendKind, Residency};
 use crate::digest::Digest;
 use crate::ids::ShardId;
 use crate::keys::{PublicKey, Tag, WorkerToken};
+use crate::model_seal::{ModelSealRecord, ModelShardEntry};
 use crate::seal::SealRecord;
 
 const EXAMPLE_TOKEN: &[u8] = b"example-worker-token-0123456789abcdef";
 
 const SEAL_DOC: &str = include_str!("../../../docs/seal-record.md");
+const MODEL_SEAL_DOC: &str = include_str!("../../../docs/model-seal.md");
 const AUDIT_DOC: &str = include_str!("../../../docs/audit-log.md");
 const ATTESTATION_DOC: &str = include_str!("../../../docs/attestation.md");
 
@@ -94,6 +97,72 @@ fn seal_record_worked_example_in_docs_is_recomputed_ci_002() {
     print("tag", &tag.to_hex());
     same!(tag.to_hex(), compact_block(SEAL_DOC, "tag"));
     same!(SealRecord::decode(&encoding).unwrap(), record);
+}
+
+/// Shard 1 of the worked example's model: 4096 zero bytes on GPU 1.
+pub(crate) fn worked_example_record_1() -> SealRecord {
+    SealRecord {
+        shard_id: ShardId::new("llama-3-8b-shard-1").unwrap(),
+        digest: crate::digest::digest_bytes(&[0u8; 4096]).unwrap().digest(),
+        gpu_device: 1,
+        device_uuid: *b"SIM-GPU-00000001",
+        shard_index: 1,
+        ..worked_example_record()
+    }
+}
+
+/// The model of the two worked-example shards, sealed one minute after them.
+pub(crate) fn worked_example_model() -> ModelSealRecord {
+    let key = token().derive_keys().seal;
+    ModelSealRecord {
+        backend: BackendKind::Sim,
+        model_ref: "example/llama-3-8b".to_owned(),
+        sealed_at_ns: 1_767_225_660_000_000_000,
+        shards: [worked_example_record(), worked_example_record_1()]
+            .iter()
+            .map(|record| ModelShardEntry::new(record, &record.sign(&key).unwrap()))
+            .collect(),
+    }
+}
+
+#[test]
+fn model_seal_worked_example_in_docs_is_recomputed_ci_002() {
+    let key = token().derive_keys().seal;
+    let shard_1 = worked_example_record_1();
+    print("shard 1 digest", &shard_1.digest.to_string());
+    same!(
+        shard_1.digest.to_string(),
+        compact_block(MODEL_SEAL_DOC, "shard-1-digest")
+    );
+    let shard_1_tag = shard_1.sign(&key).unwrap();
+    print("shard 1 tag", &shard_1_tag.to_hex());
+    same!(
+        shard_1_tag.to_hex(),
+        compact_block(MODEL_SEAL_DOC, "shard-1-tag")
+    );
+    let model = worked_example_model();
+    let encoding = model.encode().unwrap();
+    print("model encoding", &hex::encode(&encoding));
+    same!(
+        hex::encode(&encoding),
+        compact_block(MODEL_SEAL_DOC, "model-encoding")
+    );
+    let tag = model.sign(&key).unwrap();
+    print("model tag", &tag.to_hex());
+    same!(tag.to_hex(), compact_block(MODEL_SEAL_DOC, "model-tag"));
+    print("record digest", &model.record_digest().unwrap());
+    same!(
+        model.record_digest().unwrap(),
+        compact_block(MODEL_SEAL_DOC, "model-record-digest")
+    );
+    let back = ModelSealRecord::decode(&encoding).unwrap();
+    assert_eq!(back.encode().unwrap(), encoding);
+    assert!(back.verify(&key, &tag).is_ok());
+    // Shard 0's entry carries the tag documented in seal-record.md.
+    same!(
+        model.shards[0].seal_tag.to_hex(),
+        compact_block(SEAL_DOC, "tag")
+    );
 }
 
 #[test]

@@ -184,6 +184,90 @@ pub enum VramError {
         tensors: Vec<String>,
     },
 
+    /// A model seal's HMAC does not verify: the model record or its tag was forged or altered, or it
+    /// was not made with this worker's key. Deliberately opaque (CI-003).
+    #[error(
+        "model seal verification failed for model {model_ref:?}: the model seal record or its tag was forged or altered"
+    )]
+    ModelSealForgery {
+        /// The model, as the (unverified) record names it.
+        model_ref: String,
+    },
+
+    /// The shards given for a model lack one that its model seal names (or, when sealing, one of
+    /// `0..total_shards`).
+    #[error(
+        "model {model_ref:?}: shard {shard_index} is missing (every shard 0..{total_shards} must be given exactly once)"
+    )]
+    ModelShardMissing {
+        /// The model.
+        model_ref: String,
+        /// The index no given shard has.
+        shard_index: u32,
+        /// The model's shard count.
+        total_shards: u32,
+    },
+
+    /// Two of the shards given for a model have the same index.
+    #[error(
+        "model {model_ref:?}: shard {shard_index} is given more than once (every shard must be given exactly once)"
+    )]
+    ModelShardDuplicated {
+        /// The model.
+        model_ref: String,
+        /// The index given twice.
+        shard_index: u32,
+    },
+
+    /// A shard given for a model has an index the model does not have.
+    #[error(
+        "model {model_ref:?}: shard {shard_index} is not part of the model (it has {total_shards} shard(s), 0..{total_shards})"
+    )]
+    ModelShardExtra {
+        /// The model.
+        model_ref: String,
+        /// The extra shard's index.
+        shard_index: u32,
+        /// The model's shard count.
+        total_shards: u32,
+    },
+
+    /// A shard given for a model is not the one the model seal names at its index (another model's,
+    /// another version's, another seal of the same bytes), or does not agree with the other shards
+    /// on the model (its `model_ref`, `total_shards` or backend).
+    #[error(
+        "model {model_ref:?}: shard {shard_index} ({shard_id}) is not the model's shard {shard_index}: {reason}"
+    )]
+    ModelShardMismatch {
+        /// The model.
+        model_ref: String,
+        /// The shard's index.
+        shard_index: u32,
+        /// The given shard's id.
+        shard_id: ShardId,
+        /// What differs.
+        reason: String,
+    },
+
+    /// A shard of a model failed its verification (forgery, corruption, policy violation, ...): the
+    /// first such shard by index, with its error; the others that failed in the same verification
+    /// are in `others`. Each failure followed the shard's own path (audited, the worker stopped).
+    #[error(
+        "model {model_ref:?}: shard {shard_index} failed verification: {error}{}",
+        other_failures(others)
+    )]
+    ModelShardFailed {
+        /// The model.
+        model_ref: String,
+        /// Index of the first shard that failed.
+        shard_index: u32,
+        /// Its error.
+        #[source]
+        error: Box<VramError>,
+        /// The other shards that failed, by index, with their errors.
+        others: Vec<(u32, VramError)>,
+    },
+
     /// The model file's header was rejected by the format reader; nothing was uploaded.
     #[error("model header rejected: {0}")]
     MalformedModel(#[from] ModelFormatError),
@@ -274,22 +358,27 @@ impl VramError {
     /// True when retrying later (after other shards are evicted, say) may succeed.
     #[must_use]
     pub fn is_retriable(&self) -> bool {
-        matches!(
-            self,
-            Self::InsufficientVram { .. } | Self::AllocationFailed { .. }
-        )
+        match self {
+            Self::InsufficientVram { .. } | Self::AllocationFailed { .. } => true,
+            Self::ModelShardFailed { error, .. } => error.is_retriable(),
+            _ => false,
+        }
     }
 
     /// True for security incidents: the worker must stop (forgery, corruption, policy violation).
     #[must_use]
     pub fn is_fatal(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::SealForgery { .. }
-                | Self::Corruption { .. }
-                | Self::PolicyViolation { .. }
-                | Self::WorkerStopped { .. }
-        )
+            | Self::ModelSealForgery { .. }
+            | Self::Corruption { .. }
+            | Self::PolicyViolation { .. }
+            | Self::WorkerStopped { .. } => true,
+            Self::ModelShardFailed { error, others, .. } => {
+                error.is_fatal() || others.iter().any(|(_, e)| e.is_fatal())
+            }
+            _ => false,
+        }
     }
 }
 
@@ -305,6 +394,18 @@ fn name_list(names: &[String]) -> String {
     } else {
         format!("{} and {rest} more", shown.join(", "))
     }
+}
+
+/// "; also failed: shard 2 (…), shard 5 (…)", or nothing.
+fn other_failures(others: &[(u32, VramError)]) -> String {
+    if others.is_empty() {
+        return String::new();
+    }
+    let listed: Vec<String> = others
+        .iter()
+        .map(|(index, error)| format!("shard {index} ({error})"))
+        .collect();
+    format!("; also failed: {}", listed.join("; "))
 }
 
 /// Result alias used throughout the crate.

@@ -21,6 +21,7 @@
 //! | orchestration: seal, verify, execute, deallocate | [`manager`] |
 //! | security events, and their HMAC-chained log | [`audit`], [`audit_log`] |
 //! | signed residency statements for a caller's nonce | [`attestation`] |
+//! | the shards of one model bound together; its signed statement | [`model_seal`], [`model_attestation`] |
 //! | model paths confined to a models directory (worker service) | [`models_dir`] |
 //!
 //! This crate has no `unsafe` code (`#![forbid(unsafe_code)]`), no async and no HTTP. The CUDA
@@ -110,6 +111,8 @@ pub mod format;
 pub mod ids;
 pub mod keys;
 pub mod manager;
+pub mod model_attestation;
+pub mod model_seal;
 pub mod models_dir;
 pub mod seal;
 pub mod shard;
@@ -129,7 +132,12 @@ pub use background::{BackgroundStats, BackgroundVerifier};
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
 pub use keys::{BearerCheck, PublicKey, WorkerToken};
-pub use manager::{ManagerConfig, SealOptions, VerifyReport, VramManager, WorkerState};
+pub use manager::{
+    GpuVerifyReport, ManagerConfig, ModelVerifyReport, SealOptions, VerifyReport, VramManager,
+    WorkerState,
+};
+pub use model_attestation::{AttestedShard, ModelAttestation, VerifiedAttestation};
+pub use model_seal::{ModelSealRecord, ModelShardEntry, SealedModel};
 pub use models_dir::ModelsDir;
 pub use seal::SealRecord;
 pub use shard::{SealView, SealedShard, ShardId};

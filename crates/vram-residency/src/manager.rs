@@ -27,6 +27,8 @@ use crate::error::{Result, VramError};
 use crate::format::{FormatChoice, ModelFormat, TensorTable, read_tensor_table_as};
 use crate::ids::{ShardId, unix_nanos};
 use crate::keys::{KeySet, PublicKey, WorkerToken};
+use crate::model_attestation::{AttestedShard, ModelAttestation};
+use crate::model_seal::{MAX_MODEL_SHARDS, ModelSealRecord, ModelShardEntry, SealedModel};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
 use crate::shard::SealedShard;
 use crate::weights::{Lease, Weights};
@@ -141,6 +143,39 @@ pub struct VerifyReport {
     /// Where the bytes were found to live during this verification (never a violation: that fails).
     pub residency: Residency,
 }
+
+/// What a successful model verification measured ([`VramManager::verify_model`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelVerifyReport {
+    /// The model.
+    pub model_ref: String,
+    /// One report per shard, by index: `shards[i]` is shard `i`.
+    pub shards: Vec<VerifyReport>,
+    /// Bytes re-hashed, all shards.
+    pub total_bytes: u64,
+    /// Wall time of the whole verification (model seal, shard set, every shard; GPUs in parallel).
+    #[serde(serialize_with = "serialize_nanos")]
+    pub elapsed: Duration,
+    /// One entry per GPU that holds shards of the model, by GPU index.
+    pub per_gpu: Vec<GpuVerifyReport>,
+}
+
+/// The part of a model verification done on one GPU (its shards, one after another).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GpuVerifyReport {
+    /// Device index.
+    pub gpu: u32,
+    /// Indices of the model's shards on this GPU, in the order they were verified.
+    pub shard_indices: Vec<u32>,
+    /// Bytes re-hashed on this GPU.
+    pub bytes: u64,
+    /// Wall time of this GPU's verifications.
+    #[serde(serialize_with = "serialize_nanos")]
+    pub elapsed: Duration,
+}
+
+/// What one GPU's verification thread hands back: its report and each shard's result.
+type GpuOutcome = (GpuVerifyReport, Vec<(u32, Result<VerifyReport>)>);
 
 fn serialize_nanos<S: serde::Serializer>(
     d: &Duration,
@@ -786,10 +821,340 @@ impl VramManager {
             attested_at_ns: unix_nanos(SystemTime::now()),
             verified_digest: report.digest,
             verified_bytes: report.vram_bytes,
-            verify_elapsed_ns: u64::try_from(report.elapsed.as_nanos()).unwrap_or(u64::MAX),
+            verify_elapsed_ns: nanos(report.elapsed),
             audit_head: self.sink.head(),
         };
         attestation.sign(&self.keys.identity)
+    }
+
+    /// Binds the shards of one model together: checks each shard (this manager's, and its own seal,
+    /// in constant time — a forged one is an incident, as in [`verify_sealed`](Self::verify_sealed)),
+    /// that they agree on `model_ref`, `total_shards` and backend, and that every index
+    /// `0..total_shards` is given exactly once; then makes the model seal (HMAC-SHA256 under the
+    /// worker's seal key over the canonical [`ModelSealRecord`], `docs/model-seal.md`) and audits
+    /// `model_sealed`. Device memory is not touched: the shards are not re-hashed (their own seals
+    /// vouch for their digests; [`verify_model`](Self::verify_model) re-hashes).
+    ///
+    /// # Errors
+    /// [`VramError::WorkerStopped`]; [`VramError::InvalidInput`] for no shards or more than
+    /// [`MAX_MODEL_SHARDS`]; [`VramError::ForeignShard`], [`VramError::SealForgery`] (audited, the
+    /// worker stops); [`VramError::ModelShardMismatch`] for a shard of another model (another
+    /// `model_ref`, `total_shards` or backend); [`VramError::ModelShardDuplicated`],
+    /// [`VramError::ModelShardMissing`], [`VramError::ModelShardExtra`]; [`VramError::Audit`].
+    pub fn seal_model_set(&self, shards: &[&SealedShard]) -> Result<SealedModel> {
+        self.ensure_running()?;
+        let first = shards.first().ok_or_else(|| VramError::InvalidInput {
+            field: "shards",
+            reason: "a model seal needs at least one shard".to_owned(),
+        })?;
+        for shard in shards {
+            self.check_owner(shard)?;
+            self.check_seal(shard)?;
+        }
+        let model_ref = first.record.model_ref.clone();
+        let total_shards = first.record.total_shards;
+        let backend = first.record.backend;
+        if total_shards > MAX_MODEL_SHARDS {
+            return Err(VramError::InvalidInput {
+                field: "total_shards",
+                reason: format!(
+                    "the shards say the model has {total_shards} shards; a model seal names at most {MAX_MODEL_SHARDS}"
+                ),
+            });
+        }
+        for shard in shards {
+            let record = &shard.record;
+            let reason = if record.model_ref != model_ref {
+                Some(format!(
+                    "its seal names model {:?}, shard {} names {model_ref:?}",
+                    record.model_ref, first.record.shard_index
+                ))
+            } else if record.total_shards != total_shards {
+                Some(format!(
+                    "its seal says the model has {} shard(s), shard {} says {total_shards}",
+                    record.total_shards, first.record.shard_index
+                ))
+            } else if record.backend != backend {
+                Some(format!(
+                    "it was sealed on backend {}, shard {} on {backend}",
+                    record.backend, first.record.shard_index
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(VramError::ModelShardMismatch {
+                    model_ref,
+                    shard_index: record.shard_index,
+                    shard_id: record.shard_id.clone(),
+                    reason,
+                });
+            }
+        }
+        let ordered = slot_shards(&model_ref, total_shards, shards)?;
+        let record = ModelSealRecord {
+            backend,
+            model_ref,
+            sealed_at_ns: unix_nanos(SystemTime::now()),
+            shards: ordered
+                .iter()
+                .map(|shard| ModelShardEntry::new(&shard.record, &shard.tag))
+                .collect(),
+        };
+        let tag = record.sign(&self.keys.seal)?;
+        // Fails closed: a model seal that cannot be audited is not handed out.
+        self.audit(AuditEvent::ModelSealed {
+            model_ref: record.model_ref.clone(),
+            total_shards,
+            record_digest: record.record_digest()?,
+        })?;
+        Ok(SealedModel { record, tag })
+    }
+
+    /// Verifies a whole model: the model seal's HMAC in constant time (a forged or altered one is an
+    /// incident: audited critical, the worker stops), each given shard's owner and own seal, that the
+    /// given shards are **exactly** the ones the model seal names (each index once; id, digest, size,
+    /// GPU, device UUID and seal tag equal to its entry), and then every shard with
+    /// [`verify_sealed`](Self::verify_sealed) — **in parallel across GPUs**: one thread per GPU,
+    /// the shards on one GPU one after another. A shard that fails follows its own path (audited, the
+    /// worker stops, damaged tensors named); every shard is still verified, and all failures are
+    /// returned. Allowed in the `Stopped` state, like `verify_sealed`.
+    ///
+    /// # Errors
+    /// [`VramError::ModelSealForgery`]; [`VramError::ForeignShard`], [`VramError::SealForgery`];
+    /// [`VramError::ModelShardExtra`], [`VramError::ModelShardDuplicated`],
+    /// [`VramError::ModelShardMissing`], [`VramError::ModelShardMismatch`] (the set is not the
+    /// model's; nothing is re-hashed); [`VramError::ModelShardFailed`] with the first failed shard by
+    /// index and its error (corruption, policy violation, ...) and the others that failed.
+    pub fn verify_model(
+        &self,
+        model: &SealedModel,
+        shards: &[&SealedShard],
+    ) -> Result<ModelVerifyReport> {
+        self.verify_model_ordered(model, shards)
+            .map(|(report, _)| report)
+    }
+
+    /// [`verify_model`](Self::verify_model), also handing back the shards in index order.
+    fn verify_model_ordered<'a>(
+        &self,
+        model: &SealedModel,
+        shards: &[&'a SealedShard],
+    ) -> Result<(ModelVerifyReport, Vec<&'a SealedShard>)> {
+        let started = Instant::now();
+        self.check_model_seal(model)?;
+        for shard in shards {
+            self.check_owner(shard)?;
+            self.check_seal(shard)?;
+        }
+        let record = &model.record;
+        let ordered = self.match_model_shards(record, shards)?;
+
+        // One group per GPU, shards in index order.
+        let mut groups: std::collections::BTreeMap<u32, Vec<(u32, &SealedShard)>> =
+            std::collections::BTreeMap::new();
+        for (index, shard) in (0u32..).zip(&ordered) {
+            groups
+                .entry(shard.record.gpu_device)
+                .or_default()
+                .push((index, *shard));
+        }
+        let outcomes: Vec<Result<GpuOutcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = groups
+                .iter()
+                .map(|(&gpu, group)| {
+                    let handle = std::thread::Builder::new()
+                        .name(format!("verify-gpu-{gpu}"))
+                        .spawn_scoped(scope, move || self.verify_gpu_group(gpu, group));
+                    (gpu, handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(gpu, handle)| match handle {
+                    Ok(handle) => handle.join().map_err(|_| VramError::Backend {
+                        reason: format!("the verification thread for GPU {gpu} panicked"),
+                    }),
+                    Err(error) => Err(VramError::Backend {
+                        reason: format!(
+                            "cannot start a verification thread for GPU {gpu}: {error}"
+                        ),
+                    }),
+                })
+                .collect()
+        });
+
+        let mut per_gpu = Vec::with_capacity(outcomes.len());
+        let mut results: Vec<(u32, Result<VerifyReport>)> = Vec::with_capacity(ordered.len());
+        for outcome in outcomes {
+            let (gpu_report, shard_results) = outcome?;
+            per_gpu.push(gpu_report);
+            results.extend(shard_results);
+        }
+        results.sort_by_key(|(index, _)| *index);
+        let mut reports = Vec::with_capacity(results.len());
+        let mut failures: Vec<(u32, VramError)> = Vec::new();
+        for (index, result) in results {
+            match result {
+                Ok(report) => reports.push(report),
+                Err(error) => failures.push((index, error)),
+            }
+        }
+        if !failures.is_empty() {
+            let mut failures = failures.into_iter();
+            if let Some((shard_index, error)) = failures.next() {
+                return Err(VramError::ModelShardFailed {
+                    model_ref: record.model_ref.clone(),
+                    shard_index,
+                    error: Box::new(error),
+                    others: failures.collect(),
+                });
+            }
+        }
+        let total_bytes = reports
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.vram_bytes));
+        Ok((
+            ModelVerifyReport {
+                model_ref: record.model_ref.clone(),
+                shards: reports,
+                total_bytes,
+                elapsed: started.elapsed(),
+                per_gpu,
+            },
+            ordered,
+        ))
+    }
+
+    /// Verifies the shards of one GPU, one after another (a thread of
+    /// [`verify_model`](Self::verify_model)).
+    fn verify_gpu_group(&self, gpu: u32, group: &[(u32, &SealedShard)]) -> GpuOutcome {
+        let started = Instant::now();
+        let results: Vec<(u32, Result<VerifyReport>)> = group
+            .iter()
+            .map(|(index, shard)| (*index, self.verify_sealed(shard)))
+            .collect();
+        let bytes = results
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .fold(0u64, |sum, r| sum.saturating_add(r.vram_bytes));
+        (
+            GpuVerifyReport {
+                gpu,
+                shard_indices: group.iter().map(|(index, _)| *index).collect(),
+                bytes,
+                elapsed: started.elapsed(),
+            },
+            results,
+        )
+    }
+
+    /// The given shards in index order, when they are exactly the ones `record` names.
+    fn match_model_shards<'a>(
+        &self,
+        record: &ModelSealRecord,
+        shards: &[&'a SealedShard],
+    ) -> Result<Vec<&'a SealedShard>> {
+        let total = record.total_shards()?;
+        let ordered = slot_shards(&record.model_ref, total, shards)?;
+        for (entry, shard) in record.shards.iter().zip(&ordered) {
+            let given = &shard.record;
+            let reason = if given.model_ref != record.model_ref {
+                Some(format!(
+                    "its seal names model {:?} (a shard of another model)",
+                    given.model_ref
+                ))
+            } else if given.total_shards != total {
+                Some(format!(
+                    "its seal says the model has {} shard(s), the model seal {total}",
+                    given.total_shards
+                ))
+            } else if given.backend != record.backend {
+                Some(format!(
+                    "it was sealed on backend {}, the model on {}",
+                    given.backend, record.backend
+                ))
+            } else {
+                entry.difference(given, &shard.tag).map(str::to_owned)
+            };
+            if let Some(reason) = reason {
+                return Err(VramError::ModelShardMismatch {
+                    model_ref: record.model_ref.clone(),
+                    shard_index: entry.shard_index,
+                    shard_id: given.shard_id.clone(),
+                    reason,
+                });
+            }
+        }
+        Ok(ordered)
+    }
+
+    /// Attests, for the caller's `nonce` (16 to 64 bytes), that **every shard of a model** is resident
+    /// and intact now (VP-006): a fresh [`verify_model`](Self::verify_model), then one statement
+    /// naming every shard as a subject and carrying the model seal record and tag, each shard's seal
+    /// record and tag, device, driver version, unified-memory facts, residency verdict and fresh
+    /// digest, the nonce, the time and the audit log head, signed with the worker's Ed25519 key as a
+    /// DSSE envelope ([`crate::model_attestation`]). Check it with
+    /// [`AttestationEnvelope::verify_model`].
+    ///
+    /// # Errors
+    /// [`VramError::WorkerStopped`]; [`VramError::InvalidInput`] for a bad nonce; any error of
+    /// [`verify_model`](Self::verify_model) (no attestation is made for a model that fails).
+    pub fn attest_model(
+        &self,
+        model: &SealedModel,
+        shards: &[&SealedShard],
+        nonce: &[u8],
+    ) -> Result<AttestationEnvelope> {
+        self.ensure_running()?;
+        validate_nonce(nonce)?;
+        let (report, ordered) = self.verify_model_ordered(model, shards)?;
+        let driver_version = self.backend.driver_version()?;
+        let attested = ordered
+            .iter()
+            .zip(&report.shards)
+            .map(|(shard, verified)| {
+                let device = self.device(shard.record.gpu_device)?;
+                Ok(AttestedShard {
+                    record: shard.record.clone(),
+                    seal_tag: shard.tag,
+                    device_name: device.name.clone(),
+                    driver_version: driver_version.clone(),
+                    unified_memory: device.unified_memory,
+                    residency: verified.residency.clone(),
+                    verified_digest: verified.digest,
+                    verified_bytes: verified.vram_bytes,
+                    verify_elapsed_ns: nanos(verified.elapsed),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attestation = ModelAttestation {
+            model: model.record.clone(),
+            model_tag: model.tag,
+            shards: attested,
+            nonce: nonce.to_vec(),
+            attested_at_ns: unix_nanos(SystemTime::now()),
+            verify_elapsed_ns: nanos(report.elapsed),
+            audit_head: self.sink.head(),
+        };
+        attestation.sign(&self.keys.identity)
+    }
+
+    /// The model seal's HMAC, in constant time. A failure is forgery: audited critical, and the
+    /// worker stops.
+    fn check_model_seal(&self, model: &SealedModel) -> Result<()> {
+        if model.record.verify(&self.keys.seal, &model.tag).is_ok() {
+            return Ok(());
+        }
+        Err(self.incident(
+            AuditEvent::ModelSealVerificationFailed {
+                model_ref: model.record.model_ref.clone(),
+                total_shards: model.record.shards.len() as u64,
+            },
+            VramError::ModelSealForgery {
+                model_ref: model.record.model_ref.clone(),
+            },
+        ))
     }
 
     /// Frees a shard after checking that it is this manager's and that its seal is intact
@@ -923,4 +1288,55 @@ impl VramManager {
             tracing::error!(%error, "audit sink failed while recording a failure event");
         }
     }
+}
+
+/// A duration in whole nanoseconds, saturating.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Places `shards` by index: every index `0..total` exactly once, or the error that names the
+/// first index out of range, given twice, or missing.
+fn slot_shards<'a>(
+    model_ref: &str,
+    total: u32,
+    shards: &[&'a SealedShard],
+) -> Result<Vec<&'a SealedShard>> {
+    let mut slots: Vec<Option<&'a SealedShard>> = vec![None; usize::try_from(total).unwrap_or(0)];
+    if let Some(extra) = shards.iter().find(|s| s.record.shard_index >= total) {
+        return Err(VramError::ModelShardExtra {
+            model_ref: model_ref.to_owned(),
+            shard_index: extra.record.shard_index,
+            total_shards: total,
+        });
+    }
+    for shard in shards {
+        let index = shard.record.shard_index;
+        match usize::try_from(index).ok().and_then(|i| slots.get_mut(i)) {
+            Some(slot @ None) => *slot = Some(*shard),
+            Some(Some(_)) => {
+                return Err(VramError::ModelShardDuplicated {
+                    model_ref: model_ref.to_owned(),
+                    shard_index: index,
+                });
+            }
+            None => {
+                return Err(VramError::ModelShardExtra {
+                    model_ref: model_ref.to_owned(),
+                    shard_index: index,
+                    total_shards: total,
+                });
+            }
+        }
+    }
+    (0u32..)
+        .zip(slots)
+        .map(|(index, slot)| {
+            slot.ok_or_else(|| VramError::ModelShardMissing {
+                model_ref: model_ref.to_owned(),
+                shard_index: index,
+                total_shards: total,
+            })
+        })
+        .collect()
 }
