@@ -27,7 +27,7 @@ use vram_residency::{AuditEvent, Digest, SealOptions, ShardId, VramError, Worker
 use super::auth::{Presented, Role};
 use super::error::ApiError;
 use super::metrics;
-use super::state::AppState;
+use super::state::{AppState, ModelEntry};
 
 /// Limits applied to every request.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +104,26 @@ pub fn router(app: Arc<AppState>, limits: Limits) -> Router {
         .route(
             "/v1/shards/{id}/attest",
             post(attest).route_layer(needs(Role::Observer)),
+        )
+        .route(
+            "/v1/models",
+            get(list_models)
+                .route_layer(needs(Role::Observer))
+                .merge(post(seal_model).route_layer(needs(Role::Operator))),
+        )
+        .route(
+            "/v1/models/{id}",
+            get(get_model)
+                .route_layer(needs(Role::Observer))
+                .merge(delete(forget_model).route_layer(needs(Role::Operator))),
+        )
+        .route(
+            "/v1/models/{id}/verify",
+            post(verify_model).route_layer(needs(Role::Operator)),
+        )
+        .route(
+            "/v1/models/{id}/attest",
+            post(attest_model).route_layer(needs(Role::Observer)),
         )
         .route("/v1/worker", get(worker).route_layer(needs(Role::Observer)))
         .route("/metrics", metrics_route)
@@ -370,6 +390,168 @@ async fn attest(
     .map_err(|_| ApiError::internal("the attestation task failed"))?
     .ok_or_else(|| ApiError::shard_not_found(&id))?;
     Ok(Json(result?.to_json()))
+}
+
+/// `POST /v1/models`: seals shards already committed (`POST /v1/shards` with the same `model_ref`,
+/// their `shard_index` and `total_shards`) as one model.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealModelRequest {
+    /// The shards, by id: every index of the model exactly once.
+    shards: Vec<String>,
+    /// Id for the sealed model (as shard ids: 1 to 256 of `A-Za-z0-9_-`); generated when absent.
+    #[serde(default)]
+    model_id: Option<String>,
+}
+
+/// Most shards one `POST /v1/models` may name.
+const MAX_MODEL_SHARDS_PER_REQUEST: usize = vram_residency::model_seal::MAX_MODEL_SHARDS as usize;
+
+/// The public view of a sealed model.
+fn model_view(entry: &ModelEntry) -> Value {
+    let record = &entry.sealed.record;
+    json!({
+        "model_id": entry.id,
+        "model_ref": record.model_ref,
+        "total_shards": record.shards.len(),
+        "backend": record.backend,
+        "sealed_at_ns": record.sealed_at_ns,
+        "total_bytes": record.shards.iter().map(|s| s.vram_bytes).fold(0u64, u64::saturating_add),
+        "shards": record.shards.iter().map(|shard| json!({
+            "shard_index": shard.shard_index,
+            "shard_id": shard.shard_id,
+            "digest": shard.digest,
+            "vram_bytes": shard.vram_bytes,
+            "gpu_device": shard.gpu_device,
+            "device_uuid": vram_residency::shard::format_uuid(&shard.device_uuid),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn seal_model(
+    State(app): State<Arc<AppState>>,
+    body: Result<JsonBody<SealModelRequest>, ApiError>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let JsonBody(request) = body?;
+    app.check_accepting()?;
+    if request.shards.is_empty() || request.shards.len() > MAX_MODEL_SHARDS_PER_REQUEST {
+        return Err(VramError::InvalidInput {
+            field: "shards",
+            reason: format!("1 to {MAX_MODEL_SHARDS_PER_REQUEST} shard ids are required"),
+        }
+        .into());
+    }
+    let ids = request
+        .shards
+        .iter()
+        .map(|id| ShardId::new(id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let id = match request.model_id.as_deref() {
+        Some(id) => ShardId::new(id)?,
+        None => ShardId::new(&ShardId::generate().as_str().replacen("shard-", "model-", 1))?,
+    };
+    let permit = app.permit().await?;
+    let task_app = Arc::clone(&app);
+    let entry = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_app.seal_model_blocking(id, &ids)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the model seal task failed"))??;
+    Ok((StatusCode::CREATED, Json(model_view(&entry))))
+}
+
+/// `GET /v1/models`.
+async fn list_models(State(app): State<Arc<AppState>>) -> Json<Value> {
+    let models: Vec<Value> = app
+        .models_snapshot()
+        .iter()
+        .map(|entry| model_view(entry))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+/// `GET /v1/models/{id}`.
+async fn get_model(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = app.model(&id)?;
+    Ok(Json(model_view(&entry)))
+}
+
+/// `POST /v1/models/{id}/verify`: every shard re-hashed where it lies, all GPUs at once.
+async fn verify_model(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    app.check_accepting()?;
+    let entry = app.model(&id)?;
+    let permit = app.permit().await?;
+    let task_app = Arc::clone(&app);
+    let report = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_app.verify_model_blocking(&entry)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the model verification task failed"))??;
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    Ok(Json(json!({
+        "verified": true,
+        "model_id": id,
+        "model_ref": report.model_ref,
+        "backend": app.manager.backend_kind(),
+        "total_bytes": report.total_bytes,
+        "elapsed_ns": nanos(report.elapsed),
+        "shards": report.shards.iter().zip(0u32..).map(|(shard, index)| json!({
+            "shard_index": index,
+            "shard_id": shard.shard_id,
+            "digest": shard.digest,
+            "vram_bytes": shard.vram_bytes,
+            "elapsed_ns": nanos(shard.elapsed),
+        })).collect::<Vec<_>>(),
+        "gpus": report.per_gpu.iter().map(|gpu| json!({
+            "gpu": gpu.gpu,
+            "shard_indices": gpu.shard_indices,
+            "bytes": gpu.bytes,
+            "elapsed_ns": nanos(gpu.elapsed),
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+/// `POST /v1/models/{id}/attest`.
+async fn attest_model(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Result<JsonBody<AttestRequest>, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let JsonBody(request) = body?;
+    let nonce = parse_nonce_hex(&request.nonce)?;
+    app.check_accepting()?;
+    let entry = app.model(&id)?;
+    let permit = app.permit().await?;
+    let task_app = Arc::clone(&app);
+    let envelope = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_app.attest_model_blocking(&entry, &nonce)
+    })
+    .await
+    .map_err(|_| ApiError::internal("the model attestation task failed"))??;
+    Ok(Json(envelope.to_json()))
+}
+
+/// `DELETE /v1/models/{id}`: forgets the model seal; its shards stay resident (evict them with
+/// `DELETE /v1/shards/{id}`).
+async fn forget_model(
+    State(app): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = ShardId::new(&id)?;
+    if app.forget_model(&id) {
+        Ok(Json(json!({ "model_id": id, "forgotten": true })))
+    } else {
+        Err(ApiError::model_not_found(id.as_str()))
+    }
 }
 
 /// `DELETE /v1/shards/{id}`: allowed while stopped (freeing memory is always safe).

@@ -54,6 +54,22 @@ impl ApiError {
         )
     }
 
+    pub fn model_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "sealed_model_not_found",
+            format!("no sealed model {id:?} on this worker"),
+        )
+    }
+
+    pub fn duplicate_model(id: &str) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "duplicate_model_id",
+            format!("a sealed model {id:?} already exists on this worker"),
+        )
+    }
+
     pub fn shutting_down() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -133,7 +149,15 @@ pub fn classify(error: &VramError) -> (StatusCode, &'static str) {
         VramError::AllocationFailed { .. } => (S::INSUFFICIENT_STORAGE, "allocation_failed"),
         VramError::WorkerStopped { .. } => (S::SERVICE_UNAVAILABLE, "worker_stopped"),
         VramError::Audit { .. } => (S::SERVICE_UNAVAILABLE, "audit_unavailable"),
-        VramError::SealForgery { .. } => (S::INTERNAL_SERVER_ERROR, "seal_forgery"),
+        VramError::ModelShardMissing { .. }
+        | VramError::ModelShardDuplicated { .. }
+        | VramError::ModelShardExtra { .. }
+        | VramError::ModelShardMismatch { .. } => (S::CONFLICT, "model_shard_set"),
+        // A shard of the model failed: answered as that failure (corruption, forgery, ...).
+        VramError::ModelShardFailed { error, .. } => classify(error),
+        VramError::SealForgery { .. } | VramError::ModelSealForgery { .. } => {
+            (S::INTERNAL_SERVER_ERROR, "seal_forgery")
+        }
         VramError::Corruption { .. } => (S::INTERNAL_SERVER_ERROR, "vram_corruption"),
         VramError::PolicyViolation { .. } => (S::INTERNAL_SERVER_ERROR, "policy_violation"),
         VramError::BackendUnavailable { .. } => (S::SERVICE_UNAVAILABLE, "backend_unavailable"),

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vram_residency::{
-    AttestationEnvelope, AuditSink, Confinement, ModelsDir, SealOptions, SealView, SealedShard,
-    ShardId, SmBudget, VerifyReport, VramError, VramManager, WorkerState,
+    AttestationEnvelope, AuditSink, Confinement, ModelVerifyReport, ModelsDir, SealOptions,
+    SealView, SealedModel, SealedShard, ShardId, SmBudget, VerifyReport, VramError, VramManager,
+    WorkerState,
 };
 
 use super::auth::Access;
@@ -49,6 +50,13 @@ impl ShardEntry {
     }
 }
 
+/// A model sealed as a whole (`POST /v1/models`): its model seal and the ids of its shards, which stay
+/// entries of their own (evicting one makes the model's verification fail: a missing shard).
+pub struct ModelEntry {
+    pub id: ShardId,
+    pub sealed: SealedModel,
+}
+
 pub struct AppState {
     pub manager: Arc<VramManager>,
     pub models: ModelsDir,
@@ -65,6 +73,7 @@ pub struct AppState {
     /// How clients reach the service (reported by `GET /v1/worker`).
     pub transport: Transport,
     shards: Mutex<BTreeMap<ShardId, Arc<ShardEntry>>>,
+    sealed_models: Mutex<BTreeMap<ShardId, Arc<ModelEntry>>>,
     ops: Arc<Semaphore>,
     max_ops: u32,
     shutting_down: AtomicBool,
@@ -92,6 +101,7 @@ impl AppState {
             sweep_confinement: Mutex::new(None),
             transport,
             shards: Mutex::new(BTreeMap::new()),
+            sealed_models: Mutex::new(BTreeMap::new()),
             ops: Arc::new(Semaphore::new(usize::try_from(max_ops).unwrap_or(1))),
             max_ops,
             shutting_down: AtomicBool::new(false),
@@ -128,6 +138,116 @@ impl AppState {
             .get(&id)
             .cloned()
             .ok_or_else(|| ApiError::shard_not_found(id.as_str()))
+    }
+
+    fn lock_models(&self) -> MutexGuard<'_, BTreeMap<ShardId, Arc<ModelEntry>>> {
+        self.sealed_models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn model(&self, id: &str) -> Result<Arc<ModelEntry>, ApiError> {
+        let id = ShardId::new(id)?;
+        self.lock_models()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| ApiError::model_not_found(id.as_str()))
+    }
+
+    pub fn models_snapshot(&self) -> Vec<Arc<ModelEntry>> {
+        self.lock_models().values().cloned().collect()
+    }
+
+    /// Runs `f` on the shards of `ids` together, each held against eviction meanwhile (read locks,
+    /// taken in id order so that two such calls never wait on each other in a cycle). Blocking.
+    fn with_shards<R>(
+        &self,
+        ids: &[ShardId],
+        f: impl FnOnce(&[&SealedShard]) -> R,
+    ) -> Result<R, ApiError> {
+        let mut entries = ids
+            .iter()
+            .map(|id| {
+                self.lock_shards()
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| ApiError::shard_not_found(id.as_str()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by(|a, b| a.view.shard_id.cmp(&b.view.shard_id));
+        entries.dedup_by(|a, b| a.view.shard_id == b.view.shard_id);
+        let guards: Vec<_> = entries
+            .iter()
+            .map(|entry| entry.slot.read().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        let mut shards = Vec::with_capacity(guards.len());
+        for (guard, entry) in guards.iter().zip(&entries) {
+            shards.push(
+                guard
+                    .as_ref()
+                    .ok_or_else(|| ApiError::shard_not_found(entry.view.shard_id.as_str()))?,
+            );
+        }
+        Ok(f(&shards))
+    }
+
+    /// Seals the committed shards `ids` as one model and registers it under `id`. Blocking.
+    pub fn seal_model_blocking(
+        &self,
+        id: ShardId,
+        ids: &[ShardId],
+    ) -> Result<Arc<ModelEntry>, ApiError> {
+        if self.lock_models().contains_key(&id) {
+            return Err(ApiError::duplicate_model(id.as_str()));
+        }
+        let sealed = self.with_shards(ids, |shards| self.manager.seal_model_set(shards))??;
+        let entry = Arc::new(ModelEntry { id, sealed });
+        let mut models = self.lock_models();
+        if models.contains_key(&entry.id) {
+            return Err(ApiError::duplicate_model(entry.id.as_str()));
+        }
+        models.insert(entry.id.clone(), Arc::clone(&entry));
+        Ok(entry)
+    }
+
+    /// The shard ids a model seal names.
+    fn model_shard_ids(model: &ModelEntry) -> Vec<ShardId> {
+        model
+            .sealed
+            .record
+            .shards
+            .iter()
+            .map(|entry| entry.shard_id.clone())
+            .collect()
+    }
+
+    /// Verifies a model as a whole (every GPU at once) and counts each shard's result. Blocking.
+    pub fn verify_model_blocking(&self, model: &ModelEntry) -> Result<ModelVerifyReport, ApiError> {
+        let started = Instant::now();
+        let result = self.with_shards(&Self::model_shard_ids(model), |shards| {
+            self.manager.verify_model(&model.sealed, shards)
+        })?;
+        self.metrics
+            .verify(&result_label(&result), started.elapsed());
+        Ok(result?)
+    }
+
+    /// Attests a model as a whole for `nonce`. Blocking.
+    pub fn attest_model_blocking(
+        &self,
+        model: &ModelEntry,
+        nonce: &[u8],
+    ) -> Result<AttestationEnvelope, ApiError> {
+        let result = self.with_shards(&Self::model_shard_ids(model), |shards| {
+            self.manager.attest_model(&model.sealed, shards, nonce)
+        })?;
+        self.metrics.attest(&result_label(&result));
+        Ok(result?)
+    }
+
+    /// Forgets a model seal (its shards stay resident). Returns whether there was one.
+    pub fn forget_model(&self, id: &ShardId) -> bool {
+        self.lock_models().remove(id).is_some()
     }
 
     pub fn snapshot(&self) -> Vec<Arc<ShardEntry>> {

@@ -629,6 +629,211 @@ fn every_documented_route_and_status_answers_as_docs_openapi_yaml_says() {
     let metrics = check("GET", "/metrics", server.get("/metrics"));
     assert!(metrics.text.contains("vram_shards 3"), "{}", metrics.text);
 
+    // A model of two shards (committed like any shard), sealed, verified and attested as a whole.
+    for (model, id, index) in [("tiny.gguf", "m-0", 0), ("tiny.safetensors", "m-1", 1)] {
+        let body = json!({"model": model, "gpu": 0, "shard_id": id, "model_ref": "org/m",
+                          "shard_index": index, "total_shards": 2});
+        let committed = check("POST", "/v1/shards", server.post("/v1/shards", &body));
+        assert_eq!(committed.status, 201, "{}", committed.text);
+    }
+    let none = check("GET", "/v1/models", server.get("/v1/models"));
+    assert_eq!(none.json["models"].as_array().unwrap().len(), 0);
+    let sealed = check(
+        "POST",
+        "/v1/models",
+        server.post(
+            "/v1/models",
+            &json!({"shards": ["m-1", "m-0"], "model_id": "model-a"}),
+        ),
+    );
+    assert_eq!(sealed.status, 201, "{}", sealed.text);
+    assert_eq!(sealed.json["total_shards"], 2);
+    assert_eq!(sealed.json["shards"][1]["shard_id"], "m-1");
+    let generated = check(
+        "POST",
+        "/v1/models",
+        server.post("/v1/models", &json!({"shards": ["m-0", "m-1"]})),
+    );
+    assert_eq!(generated.status, 201, "{}", generated.text);
+    let generated_id = generated.json["model_id"].as_str().unwrap().to_owned();
+    assert!(generated_id.starts_with("model-"), "{generated_id}");
+    let listed = check("GET", "/v1/models", server.get("/v1/models"));
+    assert_eq!(listed.json["models"].as_array().unwrap().len(), 2);
+    let got = check("GET", "/v1/models/{id}", server.get("/v1/models/model-a"));
+    assert_eq!(got.status, 200, "{}", got.text);
+    let verified = check(
+        "POST",
+        "/v1/models/{id}/verify",
+        server.call("POST", "/v1/models/model-a/verify", Some(&operator), None),
+    );
+    assert_eq!(verified.status, 200, "{}", verified.text);
+    assert_eq!(verified.json["shards"].as_array().unwrap().len(), 2);
+    assert_eq!(verified.json["gpus"][0]["shard_indices"], json!([0, 1]));
+    let attested = check(
+        "POST",
+        "/v1/models/{id}/attest",
+        server.call(
+            "POST",
+            "/v1/models/model-a/attest",
+            Some(&observer),
+            Some(&nonce.to_string()),
+        ),
+    );
+    assert_eq!(attested.status, 200, "{}", attested.text);
+    for (method, template, path, body, status) in [
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":[]}"#),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":["a/b"]}"#),
+            400,
+        ),
+        ("GET", "/v1/models/{id}", "/v1/models/not.valid", None, 400),
+        (
+            "DELETE",
+            "/v1/models/{id}",
+            "/v1/models/not.valid",
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/models/{id}/verify",
+            "/v1/models/not.valid/verify",
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/models/{id}/attest",
+            "/v1/models/model-a/attest",
+            Some(r#"{"nonce":"abc"}"#),
+            400,
+        ),
+        ("GET", "/v1/models/{id}", "/v1/models/ghost", None, 404),
+        ("DELETE", "/v1/models/{id}", "/v1/models/ghost", None, 404),
+        (
+            "POST",
+            "/v1/models/{id}/verify",
+            "/v1/models/ghost/verify",
+            None,
+            404,
+        ),
+        (
+            "POST",
+            "/v1/models/{id}/attest",
+            "/v1/models/ghost/attest",
+            Some(r#"{"nonce":"abababababababababababababababab"}"#),
+            404,
+        ),
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":["ghost"]}"#),
+            404,
+        ),
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":["m-0","m-1"],"model_id":"model-a"}"#),
+            409,
+        ),
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":["m-0"]}"#),
+            409,
+        ),
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":["m-0","raw-0"]}"#),
+            409,
+        ),
+    ] {
+        let reply = check(
+            method,
+            template,
+            server.call(method, path, Some(&operator), body),
+        );
+        assert_eq!(
+            reply.status, status,
+            "{method} {path} {body:?}: {}",
+            reply.text
+        );
+    }
+    for (method, template, path, body) in [
+        ("GET", "/v1/models", "/v1/models", None),
+        (
+            "POST",
+            "/v1/models",
+            "/v1/models",
+            Some(r#"{"shards":["m-0","m-1"]}"#),
+        ),
+        ("GET", "/v1/models/{id}", "/v1/models/model-a", None),
+        ("DELETE", "/v1/models/{id}", "/v1/models/model-a", None),
+        (
+            "POST",
+            "/v1/models/{id}/verify",
+            "/v1/models/model-a/verify",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/models/{id}/attest",
+            "/v1/models/model-a/attest",
+            Some(r#"{"nonce":"abababababababababababababababab"}"#),
+        ),
+    ] {
+        let reply = check(method, template, server.call(method, path, None, body));
+        assert_eq!(reply.status, 401, "{method} {path}: {}", reply.text);
+        if method != "GET" && template != "/v1/models/{id}/attest" {
+            let reply = check(
+                method,
+                template,
+                server.call(method, path, Some(&observer), body),
+            );
+            assert_eq!(reply.status, 403, "{method} {path}: {}", reply.text);
+        }
+    }
+    let huge = json!({"shards": ["a".repeat(100 * 1024)]});
+    for (template, path) in [
+        ("/v1/models", "/v1/models"),
+        ("/v1/models/{id}/attest", "/v1/models/model-a/attest"),
+    ] {
+        let reply = check("POST", template, server.post(path, &huge));
+        assert_eq!(reply.status, 413, "{path}: {}", reply.text);
+        let reply = check(
+            "POST",
+            template,
+            server.call("POST", path, Some(&operator), None),
+        );
+        assert_eq!(reply.status, 415, "{path}: {}", reply.text);
+    }
+    for id in ["model-a", generated_id.as_str()] {
+        let forgotten = check(
+            "DELETE",
+            "/v1/models/{id}",
+            server.delete(&format!("/v1/models/{id}")),
+        );
+        assert_eq!(forgotten.status, 200, "{}", forgotten.text);
+    }
+    for id in ["m-0", "m-1"] {
+        let evicted = server.delete(&format!("/v1/shards/{id}"));
+        assert_eq!(evicted.status, 200, "{}", evicted.text);
+    }
+
     // 400: each kind of refused input.
     for body in [
         json!({"model": "a.bin"}),
@@ -814,6 +1019,11 @@ fn every_documented_route_and_status_answers_as_docs_openapi_yaml_says() {
         ("/v1/shards/{id}/verify", "post", 503),
         ("/v1/shards/{id}/attest", "post", 500),
         ("/v1/shards/{id}/attest", "post", 503),
+        ("/v1/models", "post", 503),
+        ("/v1/models/{id}/verify", "post", 500),
+        ("/v1/models/{id}/verify", "post", 503),
+        ("/v1/models/{id}/attest", "post", 500),
+        ("/v1/models/{id}/attest", "post", 503),
     ]
     .into_iter()
     .map(|(p, m, s)| (p.to_owned(), m.to_owned(), s))
