@@ -140,6 +140,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let model = match args.model_shard {
+        Some(bytes) => Some(model_run(&manager, args, bytes)?),
+        None => None,
+    };
     let interference = match (&cuda, args.interference) {
         (Some(cuda), true) => Some(interference_run(cuda, args)?),
         (None, true) => {
@@ -159,6 +163,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         "ceilings": ceilings,
         "runs": runs,
         "interference": interference,
+        "model": model,
     });
     let all_equal = runs.iter().all(|r| r.gpu_digest_equals_cpu);
     if args.json {
@@ -486,6 +491,87 @@ fn write_random_file(path: &Path, size: u64) -> anyhow::Result<()> {
     file.sync_all()?;
     std::io::stderr().flush().ok();
     Ok(())
+}
+
+/// A model of one `shard_bytes` shard per GPU: each GPU's shard verified alone, then the whole model
+/// with [`VramManager::verify_model`] (every GPU at once). Reports per-GPU and aggregate GB/s and the
+/// aggregate over the sum of the single-GPU figures of the same run (1.0: perfect scaling).
+fn model_run(
+    manager: &VramManager,
+    args: &BenchArgs,
+    shard_bytes: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let gpus = u32::try_from(manager.devices().len())?;
+    let path = args
+        .dir
+        .join(format!("vram-residency-bench-model-{shard_bytes}.bin"));
+    let _cleanup = RemoveOnDrop(path.clone());
+    eprintln!(
+        "bench: model: one {} shard on each of {gpus} GPU(s)",
+        human(shard_bytes)
+    );
+    write_random_file(&path, shard_bytes)?;
+    let mut shards = Vec::new();
+    for gpu in 0..gpus {
+        let opts = SealOptions {
+            format: vram_residency::format::FormatChoice::Raw,
+            model_ref: "bench-model".to_owned(),
+            shard_index: gpu,
+            total_shards: gpus,
+            ..SealOptions::default()
+        };
+        // The previous seal dropped the file's pages.
+        warm_page_cache(&path)?;
+        shards.push(manager.seal_file(&path, gpu, &opts)?);
+    }
+    let refs: Vec<_> = shards.iter().collect();
+    let model = manager.seal_model_set(&refs)?;
+    let runs = args.verify_runs.max(1);
+    let mut per_gpu = Vec::new();
+    for shard in &refs {
+        let mut best = f64::INFINITY;
+        for _ in 0..runs {
+            let started = Instant::now();
+            manager.verify_sealed(shard)?;
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        per_gpu.push(round(gbps(shard_bytes, best)));
+    }
+    let mut best = f64::INFINITY;
+    let mut gpu_seconds = Vec::new();
+    for _ in 0..runs {
+        let report = manager.verify_model(&model, &refs)?;
+        let seconds = report.elapsed.as_secs_f64();
+        if seconds < best {
+            best = seconds;
+            gpu_seconds = report
+                .per_gpu
+                .iter()
+                .map(|g| g.elapsed.as_secs_f64())
+                .collect();
+        }
+    }
+    let total = shard_bytes.saturating_mul(u64::from(gpus));
+    let aggregate = gbps(total, best);
+    let sum_single: f64 = per_gpu.iter().sum();
+    eprintln!(
+        "bench: model: {gpus} GPU(s), alone {per_gpu:?} GB/s, all at once {aggregate:.1} GB/s ({:.2} of the sum)",
+        ratio(aggregate, sum_single)
+    );
+    drop(refs);
+    for shard in shards {
+        manager.deallocate(shard)?;
+    }
+    Ok(serde_json::json!({
+        "gpus": gpus,
+        "shard_bytes": shard_bytes,
+        "verify_runs": runs,
+        "per_gpu_alone_gbps_best": per_gpu,
+        "model_verify_seconds_best": best,
+        "model_verify_per_gpu_seconds": gpu_seconds,
+        "aggregate_gbps_best": round(aggregate),
+        "aggregate_over_sum_of_alone": round(ratio(aggregate, sum_single)),
+    }))
 }
 
 /// Reads `path` whole with several threads (and throws the bytes away), so that its pages are in the

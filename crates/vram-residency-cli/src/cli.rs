@@ -211,6 +211,10 @@ pub struct BenchArgs {
     /// Verifications per size (best and median are reported).
     #[arg(long, default_value_t = 5)]
     pub verify_runs: usize,
+    /// Also measure a model of one shard of this size per GPU: each GPU's shard verified alone, then
+    /// the whole model on every GPU at once (per-GPU and aggregate GB/s).
+    #[arg(long, value_parser = parse_bytes)]
+    pub model_shard: Option<u64>,
     /// Seals per size, each of the page-cache-hot file (best, median and first are reported).
     #[arg(long, default_value_t = 3)]
     pub seal_runs: usize,

@@ -813,3 +813,105 @@ fn gpu_confined_verification_gives_the_same_digest_and_finds_a_flip_in_the_backg
     drop(manager);
     assert_no_leak(&gpu, before, test);
 }
+
+#[test]
+fn gpu_a_model_of_four_shards_is_sealed_verified_on_every_gpu_at_once_attested_and_a_flip_names_its_shard_and_tensor()
+ {
+    let test = "gpu_a_model_of_four_shards_is_sealed_verified_on_every_gpu_at_once_attested_and_a_flip_names_its_shard_and_tensor";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    warm_up(&gpu);
+    let before = free_vram(&gpu);
+    let gpus = u32::try_from(gpu.backend.devices().unwrap().len()).unwrap();
+    let (manager, audit) = manager(&gpu);
+    // Shard i on GPU i % gpus: with one GPU, four shards share it (verified one after another).
+    let images: Vec<Vec<u8>> = (0..4u64)
+        .map(|i| safetensors_image((8 << 20) + 4096 * i as usize, 90 + i, 8))
+        .collect();
+    let shards: Vec<_> = images
+        .iter()
+        .zip(0u32..)
+        .map(|(image, index)| {
+            let opts = SealOptions {
+                model_ref: "org/four-shards".to_owned(),
+                shard_index: index,
+                total_shards: 4,
+                ..SealOptions::default()
+            };
+            manager.seal_model_with(image, index % gpus, &opts).unwrap()
+        })
+        .collect();
+    for (shard, image) in shards.iter().zip(&images) {
+        assert_eq!(shard.record.digest, digest_bytes(image).unwrap().digest());
+    }
+    let refs: Vec<_> = shards.iter().collect();
+    let model = manager.seal_model_set(&refs).unwrap();
+    let report = manager.verify_model(&model, &refs).unwrap();
+    assert_eq!(report.shards.len(), 4);
+    assert_eq!(report.per_gpu.len(), gpus.min(4) as usize);
+    assert_eq!(
+        report.total_bytes,
+        images.iter().map(|i| i.len() as u64).sum::<u64>()
+    );
+    let nonce = [0x5a; 32];
+    let envelope = manager.attest_model(&model, &refs, &nonce).unwrap();
+    let public = vram_residency::PublicKey::from_pem(&manager.public_key().to_pem()).unwrap();
+    let attested = envelope.verify_model(&public, &nonce).unwrap();
+    assert_eq!(attested.shards.len(), 4);
+    for (shard, image) in attested.shards.iter().zip(&images) {
+        assert_eq!(shard.verified_digest, digest_bytes(image).unwrap().digest());
+        assert_eq!(shard.residency, Residency::DeviceMemory);
+    }
+
+    // One bit of shard 1's tensor data: the model fails naming shard 1 and tensor `w`.
+    let data_offset = tensors_offset_of(&images[1]);
+    gpu.backend
+        .flip_bit(shards[1].allocation_id(), 8 * (data_offset + (3 << 20)) + 5)
+        .unwrap();
+    match manager.verify_model(&model, &refs) {
+        Err(VramError::ModelShardFailed {
+            shard_index,
+            error,
+            others,
+            ..
+        }) => {
+            assert_eq!(shard_index, 1);
+            assert!(others.is_empty(), "{others:?}");
+            match *error {
+                VramError::Corruption { tensors, .. } => assert_eq!(tensors, ["w"]),
+                other => panic!("expected corruption of shard 1, got {other:?}"),
+            }
+        }
+        other => panic!("expected shard 1 to fail, got {other:?}"),
+    }
+    assert!(
+        audit.entries().iter().any(|e| matches!(
+            &e.event,
+            vram_residency::AuditEvent::SealVerificationFailed { tensors, .. } if tensors == &["w"]
+        )),
+        "the corruption is audited, naming tensor w"
+    );
+    assert!(matches!(
+        manager.state(),
+        vram_residency::WorkerState::Stopped { .. }
+    ));
+    let _ = writeln!(
+        std::io::stderr(),
+        "{test}: 4 shards on {} GPU(s): model verified in {:?} ({} bytes), attestation verified offline, a flip in shard 1 named shard 1 and tensor w",
+        gpus.min(4),
+        report.elapsed,
+        report.total_bytes
+    );
+    drop(refs);
+    for shard in shards {
+        manager.deallocate(shard).unwrap();
+    }
+    drop(manager);
+    assert_no_leak(&gpu, before, test);
+}
+
+/// Where a safetensors image's data section starts (8 + header length).
+fn tensors_offset_of(image: &[u8]) -> u64 {
+    8 + u64::from_le_bytes(image[..8].try_into().unwrap())
+}
