@@ -4,6 +4,7 @@ corruption, lifetimes, checkpoint directories and bad input. Fixtures come from 
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import struct
@@ -167,9 +168,63 @@ def test_a_checkpoint_directory_is_one_shard_per_file_checked_against_its_index(
     report = model.verify()
     assert report["bytes"] == model.nbytes == sim_worker.used_bytes()
     assert len(report["shards"]) == 2
+    assert report["gpus"] == [dict(report["gpus"][0], gpu=0, shards=[0, 1])]
     del views
     model.evict()
     assert sim_worker.used_bytes() == 0
+
+
+def test_a_checkpoint_over_three_gpus_is_one_model_verified_at_once_and_attested_once(
+    token_file, tmp_path
+):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        worker = vr.Worker(token_file, backend="sim", sim_devices=3, sim_bytes_per_device=16 << 20)
+    files = {}
+    for i in range(3):
+        tensors = {f"l{i}.{k}": v for k, v in rng_tensors(10 + i).items()}
+        tensors[f"l{i}.big"] = np.arange(1 << 19, dtype=np.float32) + i  # 2 MiB
+        files[f"model-0000{i + 1}-of-00003.safetensors"] = tensors
+    write_checkpoint(tmp_path / "tp3", files)
+    model = worker.seal_checkpoint(tmp_path / "tp3", gpus=[0, 1, 2], model_ref="org/tp3")
+    assert [s.record()["gpu_device"] for s in model.shards] == [0, 1, 2]
+    report = model.verify()
+    assert [g["gpu"] for g in report["gpus"]] == [0, 1, 2]
+    assert [g["shards"] for g in report["gpus"]] == [[0], [1], [2]]
+    assert report["bytes"] == model.nbytes
+    # One attestation for the whole model: every shard a subject, one signature.
+    envelope = json.loads(model.attest(b"m" * 32))
+    assert len(envelope["signatures"]) == 1
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert statement["predicateType"].endswith("/model-residency/v1")
+    assert sorted(s["name"] for s in statement["subject"]) == sorted(s.shard_id for s in model.shards)
+    # A flip in the shard on GPU 1 is reported for that shard and tensor only.
+    array = np.from_dlpack(model.shards[1].tensors()["l1.big"])
+    byte = ctypes.c_uint8.from_address(array.ctypes.data + (1 << 20) + 7)
+    byte.value ^= 0x01
+    with pytest.raises(vr.CorruptionError) as caught:
+        model.verify()
+    assert caught.value.tensors == ["l1.big"]
+    assert caught.value.shard_id == model.shards[1].shard_id
+    assert "shard 1 failed verification" in str(caught.value)
+    assert worker.state.startswith("stopped")
+    byte.value ^= 0x01
+    del array
+    model.evict()
+    assert worker.used_bytes() == 0
+
+
+def test_a_checkpoint_placed_on_a_missing_gpu_is_refused_and_leaves_nothing(token_file, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        worker = vr.Worker(token_file, backend="sim", sim_devices=2, sim_bytes_per_device=16 << 20)
+    write_checkpoint(tmp_path / "c", {"a.safetensors": rng_tensors(1), "b.safetensors": {
+        f"b.{k}": v for k, v in rng_tensors(2).items()}})
+    with pytest.raises(vr.VramResidencyError, match="GPU index 5 is out of range"):
+        worker.seal_checkpoint(tmp_path / "c", gpus=[0, 5])
+    with pytest.raises(ValueError, match="gpus"):
+        worker.seal_checkpoint(tmp_path / "c", gpus=[])
+    assert worker.used_bytes() == 0
 
 
 def bad_checkpoint(tmp_path: Path, case: str) -> Path:

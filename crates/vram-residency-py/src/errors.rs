@@ -72,6 +72,16 @@ pyo3::create_exception!(
 pub fn to_py(py: Python<'_>, error: VramError) -> PyErr {
     let message = error.to_string();
     match error {
+        // A shard of a model failed: raised as that failure (CorruptionError naming its tensors,
+        // ForgeryError, ...), with the model-level message that names the shard index.
+        VramError::ModelShardFailed { error, .. } => {
+            let err = to_py(py, *error);
+            let value = err.value(py);
+            match value.setattr("args", (message,)) {
+                Ok(()) => err,
+                Err(e) => e,
+            }
+        }
         VramError::Corruption {
             shard_id,
             damaged,

@@ -15,7 +15,7 @@ use vram_residency::format::FormatChoice;
 use vram_residency::keys::TOKEN_ENV;
 use vram_residency::{
     AuditLog, AuditSink, Backend, BackendKind, Digest, ManagerConfig, NoAuditSink, SealOptions,
-    ShardId, SimBackend, SimConfig, VramError, VramManager, WorkerState, WorkerToken,
+    SealedShard, ShardId, SimBackend, SimConfig, VramError, VramManager, WorkerState, WorkerToken,
 };
 
 mod background;
@@ -269,12 +269,13 @@ impl Worker {
     /// (in name order) as one shard, checked against `model.safetensors.index.json` when there is
     /// one (each file exactly the tensors the index places in it; no tensor twice). Nothing stays
     /// allocated when any check fails. `model_ref` defaults to the directory's name.
-    #[pyo3(signature = (directory, gpu=0, *, model_ref=None, progress=None))]
+    #[pyo3(signature = (directory, gpu=0, *, gpus=None, model_ref=None, progress=None))]
     fn seal_checkpoint(
         &self,
         py: Python<'_>,
         directory: PathBuf,
         gpu: u32,
+        gpus: Option<Vec<u32>>,
         model_ref: Option<String>,
         progress: Option<bool>,
     ) -> PyResult<Model> {
@@ -287,9 +288,20 @@ impl Worker {
                 .unwrap_or_default()
         });
         let total = u32::try_from(plan.files.len()).map_err(|_| value_error("too many files"))?;
+        // File i goes to gpus[i % len(gpus)] (e.g. the layers of a pipeline split over GPUs), or
+        // every file to `gpu`.
+        let placement = match gpus {
+            Some(list) if list.is_empty() => return Err(value_error("gpus: give at least one")),
+            Some(list) => list,
+            None => vec![gpu],
+        };
         let mut shards: Vec<Shard> = Vec::new();
+        let mut model_seal = None;
         let sealed = (|| -> PyResult<()> {
-            for (index, (_, path)) in (0u32..).zip(&plan.files) {
+            for ((index, (_, path)), gpu) in (0u32..)
+                .zip(&plan.files)
+                .zip(placement.iter().copied().cycle())
+            {
                 let opts = SealOptions {
                     model_ref: model_ref.clone(),
                     shard_index: index,
@@ -309,7 +321,15 @@ impl Worker {
                 .zip(&held)
                 .map(|((name, _), shard)| (name.as_str(), shard.tensor_table()))
                 .collect();
-            checkpoint::check_tables(&plan, &tables).map_err(CheckpointError::new_err)
+            checkpoint::check_tables(&plan, &tables).map_err(CheckpointError::new_err)?;
+            // The files are bound together: one model seal over every shard (docs/model-seal.md).
+            let refs: Vec<&SealedShard> = held.iter().map(AsRef::as_ref).collect();
+            model_seal = Some(
+                self.manager
+                    .seal_model_set(&refs)
+                    .map_err(|e| to_py(py, e))?,
+            );
+            Ok(())
         })();
         if let Err(error) = sealed {
             // Nothing stays allocated: free what was sealed before the failure.
@@ -323,7 +343,14 @@ impl Worker {
             .into_iter()
             .map(|s| Py::new(py, s))
             .collect::<PyResult<Vec<_>>>()?;
-        Ok(Model::new(shards, files, model_ref))
+        let sealed = model_seal.ok_or_else(|| value_error("no model seal"))?;
+        Ok(Model::new(
+            Arc::clone(&self.manager),
+            shards,
+            files,
+            model_ref,
+            sealed,
+        ))
     }
 
     /// Closes the worker: no further seals. Shards sealed before stay usable (verify, tensors,

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use vram_residency::{SealedShard, VerifyReport, VramError, VramManager, WorkerState};
+use vram_residency::{SealedModel, SealedShard, VerifyReport, VramError, VramManager, WorkerState};
 
 use crate::errors::{ShardInUseError, WorkerStoppedError, to_py};
 use crate::tensor::Tensor;
@@ -248,17 +248,27 @@ impl Shard {
 /// The shards of one checkpoint, one per `*.safetensors` file, in file-name order.
 #[pyclass(frozen, module = "vram_residency._native", name = "Model")]
 pub struct Model {
+    manager: Arc<VramManager>,
     shards: Vec<Py<Shard>>,
     files: Vec<String>,
     model_ref: String,
+    sealed: SealedModel,
 }
 
 impl Model {
-    pub const fn new(shards: Vec<Py<Shard>>, files: Vec<String>, model_ref: String) -> Self {
+    pub const fn new(
+        manager: Arc<VramManager>,
+        shards: Vec<Py<Shard>>,
+        files: Vec<String>,
+        model_ref: String,
+        sealed: SealedModel,
+    ) -> Self {
         Self {
+            manager,
             shards,
             files,
             model_ref,
+            sealed,
         }
     }
 }
@@ -312,32 +322,59 @@ impl Model {
         Ok(dict)
     }
 
-    /// Verifies every shard in device memory; raises on the first failure (see `Shard.verify`).
-    /// Returns a summary dict (`bytes`, `seconds`, `gb_per_s`, `shards`: the per-shard reports).
+    /// Verifies the model as a whole: its model seal, that every shard is present (the ones sealed),
+    /// and every shard re-hashed in device memory, all GPUs at once (shards on one GPU one after
+    /// another), with the GIL released. Raises on a failure (see `Shard.verify`: a corrupted shard
+    /// raises `CorruptionError` naming its tensors; the message names the shard's index). Returns a
+    /// summary dict (`bytes`, `seconds`, `gb_per_s`, `shards`: the per-shard reports, `gpus`: per GPU
+    /// `gpu`, `shards` (indices), `bytes`, `seconds`).
     fn verify<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let started = std::time::Instant::now();
+        let held = self.held(py)?;
+        let manager = Arc::clone(&self.manager);
+        let sealed = &self.sealed;
+        let report = py
+            .detach(|| {
+                let refs: Vec<&SealedShard> = held.iter().map(AsRef::as_ref).collect();
+                manager.verify_model(sealed, &refs)
+            })
+            .map_err(|e| to_py(py, e))?;
         let reports = PyList::empty(py);
-        let mut bytes = 0u64;
-        for shard in &self.shards {
-            let report = shard.bind(py).get().verify_now(py)?;
-            bytes = bytes.saturating_add(report.vram_bytes);
-            reports.append(report_dict(py, &report)?)?;
+        for shard in &report.shards {
+            reports.append(report_dict(py, shard)?)?;
         }
-        let seconds = started.elapsed().as_secs_f64();
+        let gpus = PyList::empty(py);
+        for gpu in &report.per_gpu {
+            let entry = PyDict::new(py);
+            entry.set_item("gpu", gpu.gpu)?;
+            entry.set_item("shards", gpu.shard_indices.clone())?;
+            entry.set_item("bytes", gpu.bytes)?;
+            entry.set_item("seconds", gpu.elapsed.as_secs_f64())?;
+            gpus.append(entry)?;
+        }
+        let seconds = report.elapsed.as_secs_f64();
         let dict = PyDict::new(py);
-        dict.set_item("bytes", bytes)?;
+        dict.set_item("bytes", report.total_bytes)?;
         dict.set_item("seconds", seconds)?;
-        dict.set_item("gb_per_s", gb_per_s(bytes, seconds))?;
+        dict.set_item("gb_per_s", gb_per_s(report.total_bytes, seconds))?;
         dict.set_item("shards", reports)?;
+        dict.set_item("gpus", gpus)?;
         Ok(dict)
     }
 
-    /// One fresh attestation per shard for `nonce` (a model-level attestation is future work).
-    fn attest(&self, py: Python<'_>, nonce: &[u8]) -> PyResult<Vec<String>> {
-        self.shards
-            .iter()
-            .map(|s| s.bind(py).get().attest(py, nonce))
-            .collect()
+    /// One fresh attestation of the whole model for `nonce` (16 to 64 bytes): a DSSE envelope (JSON
+    /// text) whose statement has every shard as a subject, signed once; `vram-residency attest
+    /// verify` checks the signature and that the set is complete.
+    fn attest(&self, py: Python<'_>, nonce: &[u8]) -> PyResult<String> {
+        let held = self.held(py)?;
+        let manager = Arc::clone(&self.manager);
+        let sealed = &self.sealed;
+        let envelope = py
+            .detach(|| {
+                let refs: Vec<&SealedShard> = held.iter().map(AsRef::as_ref).collect();
+                manager.attest_model(sealed, &refs, nonce)
+            })
+            .map_err(|e| to_py(py, e))?;
+        Ok(envelope.to_json().to_string())
     }
 
     /// Evicts every shard; raises `ShardInUseError` (evicting nothing further) while tensors lent
