@@ -227,6 +227,45 @@ def test_a_checkpoint_placed_on_a_missing_gpu_is_refused_and_leaves_nothing(toke
     assert worker.used_bytes() == 0
 
 
+def test_two_processes_of_one_worker_make_one_model_seal_and_one_attestation(token_file, tmp_path):
+    """What `vram_residency.torch.seal_model_across_ranks` does over a process group, without torch:
+    two workers of one token (two ranks), each sealing its own file on its own GPU; rank 0 binds
+    the gathered seals and attestations."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ranks = [vr.Worker(token_file, backend="sim", sim_devices=2, sim_bytes_per_device=16 << 20)
+                 for _ in range(2)]
+    shards = []
+    for rank, worker in enumerate(ranks):
+        path = tmp_path / f"rank{rank}.safetensors"
+        save_file({f"r{rank}.w": np.arange(1 << 18, dtype=np.float32) + rank}, str(path))
+        shards.append(worker.seal_file(path, gpu=rank, model_ref="org/tp2", shard_index=rank,
+                                       total_shards=2))
+    model = ranks[0].seal_model_records([s.seal() for s in shards])
+    assert (model.model_ref, model.total_shards, len(model)) == ("org/tp2", 2, 2)
+    assert [s["gpu"] for s in model.shards()] == [0, 1]
+    nonce = b"q" * 32
+    envelope = json.loads(ranks[0].attest_model_gathered(
+        model, [s.attest(nonce) for s in shards], nonce))
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    assert statement["predicateType"].endswith("/model-residency/v1")
+    assert sorted(s["name"] for s in statement["subject"]) == sorted(s.shard_id for s in shards)
+    with pytest.raises(vr.VramResidencyError, match="shard 1 is missing"):
+        ranks[0].attest_model_gathered(model, [shards[0].attest(nonce)], nonce)
+    # A shard sealed by another worker's token does not verify under this seal key: forgery.
+    other_token = tmp_path / "other.token"
+    other_token.write_text("another-worker-token-of-at-least-32-bytes")
+    other_token.chmod(0o600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        other = vr.Worker(other_token, backend="sim", sim_devices=2, sim_bytes_per_device=16 << 20)
+    foreign = other.seal_file(tmp_path / "rank1.safetensors", gpu=1, model_ref="org/tp2",
+                              shard_index=1, total_shards=2)
+    with pytest.raises(vr.ForgeryError):
+        ranks[0].seal_model_records([shards[0].seal(), foreign.seal()])
+    assert ranks[0].state.startswith("stopped")
+
+
 def bad_checkpoint(tmp_path: Path, case: str) -> Path:
     directory = tmp_path / case
     one = {"x": np.ones(4, dtype=np.float32)}

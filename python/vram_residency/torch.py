@@ -10,6 +10,10 @@ Importing this module imports torch; ``vram_residency`` itself never does.
 - :func:`guard` — re-verify in VRAM before each ``generate`` call (CI-007), never per decode step,
   and refuse to run at all once the worker stopped.
 - :func:`request` — the same check for an explicit request scope (``with request(sealed): ...``).
+- :func:`seal_model_across_ranks` and :func:`attest_model_across_ranks` — one process per GPU
+  (``torch.distributed``): every rank's shards gathered to rank 0 over the process group into one
+  model seal, and every rank's fresh attestations into one model attestation. All ranks must run
+  workers of the same worker token (one worker identity).
 """
 
 from __future__ import annotations
@@ -20,14 +24,23 @@ from typing import TYPE_CHECKING, Any, Iterator, Union
 
 import torch as _torch
 
-from ._native import Model, Shard
+from ._native import Model, ModelSeal, Shard, Worker
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 Sealed = Union[Shard, Model]
 
-__all__ = ["Sealed", "guard", "load_into", "request", "state_dict", "unsealed_parameters"]
+__all__ = [
+    "Sealed",
+    "attest_model_across_ranks",
+    "guard",
+    "load_into",
+    "request",
+    "seal_model_across_ranks",
+    "state_dict",
+    "unsealed_parameters",
+]
 
 
 def state_dict(sealed: Sealed) -> dict[str, _torch.Tensor]:
@@ -95,3 +108,68 @@ def guard(
     model.register_forward_pre_hook(refuse_when_stopped)
     model._vram_residency_sealed = sealed  # keeps the shards alive as long as the model
     return model
+
+
+def _own_shards(sealed: Sealed) -> list[Shard]:
+    return list(sealed.shards) if isinstance(sealed, Model) else [sealed]
+
+
+def seal_model_across_ranks(
+    worker: Worker, sealed: Sealed, *, group: Any = None, dst: int = 0
+) -> ModelSeal | None:
+    """Binds the shards of every rank into one model seal on rank ``dst``.
+
+    Each rank passes the shard(s) it sealed (a ``Shard`` or a ``Model``; together, every index of
+    the model exactly once, all with the same ``model_ref`` and ``total_shards``). Their seals
+    (record and tag: public data) are gathered to ``dst`` with ``torch.distributed.gather_object``
+    over ``group``; ``dst`` checks every tag with its worker's seal key and returns the
+    :class:`~vram_residency.ModelSeal`; the other ranks return ``None``. Collective: every rank of
+    the group must call it. The ranks' workers must share the worker token.
+    """
+    import torch.distributed as dist
+
+    mine = [shard.seal() for shard in _own_shards(sealed)]
+    rank = dist.get_rank(group) if group is not None else dist.get_rank()
+    size = dist.get_world_size(group)
+    gathered: list[Any] | None = [None] * size if rank == dst else None
+    dist.gather_object(mine, gathered, dst=dst, group=group)
+    if gathered is None:
+        return None
+    return worker.seal_model_records([seal for part in gathered for seal in part])
+
+
+def attest_model_across_ranks(
+    worker: Worker,
+    sealed: Sealed,
+    model: ModelSeal | None,
+    nonce: bytes | None = None,
+    *,
+    group: Any = None,
+    dst: int = 0,
+) -> str | None:
+    """One attestation of the whole model, made on rank ``dst`` from every rank's fresh one.
+
+    ``nonce`` is the verifier's nonce, given on ``dst`` (other ranks may pass ``None``); it is
+    broadcast to every rank, each rank attests its own shard(s) for it (a fresh verification in its
+    own VRAM), the envelopes are gathered to ``dst``, which checks each (its worker's key, the
+    nonce, exactly the shards ``model`` names) and returns one DSSE envelope (JSON text) for the
+    model; other ranks return ``None``. ``model`` is what :func:`seal_model_across_ranks` returned
+    on ``dst``. Collective: every rank of the group must call it.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group) if group is not None else dist.get_rank()
+    box = [nonce if rank == dst else None]
+    dist.broadcast_object_list(box, src=dst, group=group)
+    shared = box[0]
+    if not isinstance(shared, bytes):
+        raise ValueError("attest_model_across_ranks: give the nonce (bytes) on the destination rank")
+    mine = [shard.attest(shared) for shard in _own_shards(sealed)]
+    size = dist.get_world_size(group)
+    gathered: list[Any] | None = [None] * size if rank == dst else None
+    dist.gather_object(mine, gathered, dst=dst, group=group)
+    if gathered is None:
+        return None
+    if model is None:
+        raise ValueError("attest_model_across_ranks: give the ModelSeal on the destination rank")
+    return worker.attest_model_gathered(model, [env for part in gathered for env in part], shared)

@@ -25,7 +25,7 @@ mod shard;
 mod tensor;
 
 use errors::{CheckpointError, to_py};
-use shard::{Model, Shard, ensure_running};
+use shard::{Model, ModelSeal, Shard, ensure_running};
 
 /// A backend and the audit sink of a new worker.
 type Opened = (Arc<dyn Backend>, Arc<dyn AuditSink>);
@@ -236,7 +236,7 @@ impl Worker {
     /// Seals one file (GGUF, safetensors or raw; a file that claims a format must parse as it)
     /// onto device `gpu`. `expect`: the fs-verity digest (`sha256:<hex>`) it must have, or nothing
     /// is sealed. `progress`: a progress bar on stderr (default: when stderr is a terminal).
-    #[pyo3(signature = (path, gpu=0, *, expect=None, shard_id=None, model_ref=None, progress=None))]
+    #[pyo3(signature = (path, gpu=0, *, expect=None, shard_id=None, model_ref=None, shard_index=0, total_shards=1, progress=None))]
     #[expect(clippy::too_many_arguments, reason = "Python keyword arguments")]
     fn seal_file(
         &self,
@@ -246,6 +246,8 @@ impl Worker {
         expect: Option<&str>,
         shard_id: Option<&str>,
         model_ref: Option<String>,
+        shard_index: u32,
+        total_shards: u32,
         progress: Option<bool>,
     ) -> PyResult<Shard> {
         let expected_digest = expect
@@ -260,6 +262,8 @@ impl Worker {
             shard_id,
             expected_digest,
             model_ref: model_ref.unwrap_or_default(),
+            shard_index,
+            total_shards,
             ..SealOptions::default()
         };
         self.seal_one(py, path, gpu, opts, progress)
@@ -353,6 +357,59 @@ impl Worker {
         ))
     }
 
+    /// Binds as one model shards held by several processes of this worker (the same worker token;
+    /// e.g. one process per GPU under `torch.distributed`), given as their `Shard.seal()` pairs
+    /// `(record, tag)` gathered from every process. Each tag is checked under this worker's seal key
+    /// (a record that does not verify is forgery: the worker stops); every index exactly once.
+    /// Returns a `ModelSeal`.
+    fn seal_model_records(
+        &self,
+        py: Python<'_>,
+        seals: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> PyResult<ModelSeal> {
+        self.ensure_open()?;
+        let mut records = Vec::with_capacity(seals.len());
+        for (position, (record, tag)) in seals.iter().enumerate() {
+            let record = vram_residency::SealRecord::decode(record).map_err(|e| to_py(py, e))?;
+            let tag: [u8; 32] = tag
+                .as_slice()
+                .try_into()
+                .map_err(|_| value_error(format!("seals[{position}]: a tag is 32 bytes")))?;
+            records.push((record, vram_residency::Tag::from_public_bytes(tag)));
+        }
+        let manager = Arc::clone(&self.manager);
+        let sealed = py
+            .detach(move || manager.seal_model_records(&records))
+            .map_err(|e| to_py(py, e))?;
+        Ok(ModelSeal { sealed })
+    }
+
+    /// One attestation of the whole model from the processes' fresh shard attestations
+    /// (`Shard.attest(nonce)` in every process, the same nonce), gathered here: each must verify
+    /// under this worker's key for `nonce`, and together they must be exactly the shards `model`
+    /// names. Returns the DSSE envelope (JSON text) of one statement for the model, which
+    /// `vram-residency attest verify` checks for completeness as well as the signature.
+    fn attest_model_gathered(
+        &self,
+        py: Python<'_>,
+        model: &ModelSeal,
+        envelopes: Vec<String>,
+        nonce: &[u8],
+    ) -> PyResult<String> {
+        self.ensure_open()?;
+        let parsed = envelopes
+            .iter()
+            .map(|text| vram_residency::AttestationEnvelope::from_json(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| to_py(py, e))?;
+        let manager = Arc::clone(&self.manager);
+        let sealed = &model.sealed;
+        let envelope = py
+            .detach(|| manager.attest_model_gathered(sealed, &parsed, nonce))
+            .map_err(|e| to_py(py, e))?;
+        Ok(envelope.to_json().to_string())
+    }
+
     /// Closes the worker: no further seals. Shards sealed before stay usable (verify, tensors,
     /// evict) until evicted or dropped.
     fn close(&self) {
@@ -427,6 +484,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Worker>()?;
     m.add_class::<Shard>()?;
     m.add_class::<Model>()?;
+    m.add_class::<ModelSeal>()?;
     m.add_class::<tensor::Tensor>()?;
     m.add_class::<background::BackgroundVerification>()?;
     errors::register(m)?;

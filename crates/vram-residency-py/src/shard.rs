@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 use vram_residency::{SealedModel, SealedShard, VerifyReport, VramError, VramManager, WorkerState};
 
 use crate::errors::{ShardInUseError, WorkerStoppedError, to_py};
@@ -161,6 +161,18 @@ impl Shard {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some()
+    }
+
+    /// The shard's seal as `(record, tag)` bytes: the canonical seal record and its tag. Public
+    /// data; what another process of this worker needs to bind this shard into a model
+    /// (`Worker.seal_model_records`, `vram_residency.torch.seal_model_across_ranks`).
+    fn seal<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let shard = self.get()?;
+        let record = shard.record.encode().map_err(|e| to_py(py, e))?;
+        Ok((
+            PyBytes::new(py, &record),
+            PyBytes::new(py, shard.seal_tag().as_bytes()),
+        ))
     }
 
     /// The seal record's public view (what `seal --json` prints), as a dict.
@@ -425,5 +437,56 @@ pub fn ensure_running(manager: &VramManager) -> PyResult<()> {
         WorkerState::Stopped { reason } => Err(WorkerStoppedError::new_err(format!(
             "the worker is stopped: {reason}"
         ))),
+    }
+}
+
+/// A model seal made from shards held by several processes of one worker
+/// (`Worker.seal_model_records`): the record naming every shard, and its tag. Public data.
+#[pyclass(frozen, module = "vram_residency._native", name = "ModelSeal")]
+pub struct ModelSeal {
+    pub sealed: SealedModel,
+}
+
+#[pymethods]
+impl ModelSeal {
+    /// The model reference every shard's seal names.
+    #[getter]
+    fn model_ref(&self) -> &str {
+        self.sealed.model_ref()
+    }
+
+    /// Number of shards.
+    #[getter]
+    fn total_shards(&self) -> usize {
+        self.sealed.total_shards()
+    }
+
+    /// Total bytes of all shards.
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.sealed
+            .record
+            .shards
+            .iter()
+            .fold(0u64, |sum, s| sum.saturating_add(s.vram_bytes))
+    }
+
+    /// Per shard, in index order: `shard_index`, `shard_id`, `digest`, `nbytes`, `gpu`.
+    fn shards<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for entry in &self.sealed.record.shards {
+            let dict = PyDict::new(py);
+            dict.set_item("shard_index", entry.shard_index)?;
+            dict.set_item("shard_id", entry.shard_id.as_str())?;
+            dict.set_item("digest", entry.digest.to_string())?;
+            dict.set_item("nbytes", entry.vram_bytes)?;
+            dict.set_item("gpu", entry.gpu_device)?;
+            list.append(dict)?;
+        }
+        Ok(list)
+    }
+
+    fn __len__(&self) -> usize {
+        self.sealed.total_shards()
     }
 }

@@ -468,7 +468,8 @@ pub(crate) struct KeySet {
 
 /// A seal tag: HMAC-SHA256 over a seal record. Public (it travels with the record it authenticates)
 /// but opaque: no public field, no `==` (a tag is only ever checked in constant time, by the worker
-/// that holds the seal key), no way to build one from bytes outside this crate.
+/// that holds the seal key). Built from bytes only to be *checked*: a tag that travelled between
+/// processes of one worker ([`Tag::from_public_bytes`]) is worth nothing until the worker verifies it.
 #[derive(Clone, Copy)]
 pub struct Tag([u8; 32]);
 
@@ -481,6 +482,14 @@ impl Tag {
 
     /// From its bytes (decoders of this crate only).
     pub(crate) const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// A tag received from elsewhere (another process of this worker handing over a shard's seal
+    /// record and tag, [`VramManager::seal_model_records`](crate::VramManager::seal_model_records)),
+    /// to be checked by the worker; it proves nothing by itself.
+    #[must_use]
+    pub const fn from_public_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
     }
 

@@ -131,7 +131,7 @@ pub use backend::{
 pub use background::{BackgroundStats, BackgroundVerifier};
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
-pub use keys::{BearerCheck, PublicKey, WorkerToken};
+pub use keys::{BearerCheck, PublicKey, Tag, WorkerToken};
 pub use manager::{
     GpuVerifyReport, ManagerConfig, ModelVerifyReport, SealOptions, VerifyReport, VramManager,
     WorkerState,

@@ -26,7 +26,7 @@ use crate::digest::Digest;
 use crate::error::{Result, VramError};
 use crate::format::{FormatChoice, ModelFormat, TensorTable, read_tensor_table_as};
 use crate::ids::{ShardId, unix_nanos};
-use crate::keys::{KeySet, PublicKey, WorkerToken};
+use crate::keys::{KeySet, PublicKey, Tag, WorkerToken};
 use crate::model_attestation::{AttestedShard, ModelAttestation};
 use crate::model_seal::{MAX_MODEL_SHARDS, ModelSealRecord, ModelShardEntry, SealedModel};
 use crate::seal::{SealRecord, validate_model_ref, validate_shard_position};
@@ -843,17 +843,80 @@ impl VramManager {
     /// [`VramError::ModelShardMissing`], [`VramError::ModelShardExtra`]; [`VramError::Audit`].
     pub fn seal_model_set(&self, shards: &[&SealedShard]) -> Result<SealedModel> {
         self.ensure_running()?;
-        let first = shards.first().ok_or_else(|| VramError::InvalidInput {
-            field: "shards",
-            reason: "a model seal needs at least one shard".to_owned(),
-        })?;
+        if shards.is_empty() {
+            return Err(VramError::InvalidInput {
+                field: "shards",
+                reason: "a model seal needs at least one shard".to_owned(),
+            });
+        }
         for shard in shards {
             self.check_owner(shard)?;
             self.check_seal(shard)?;
         }
-        let model_ref = first.record.model_ref.clone();
-        let total_shards = first.record.total_shards;
-        let backend = first.record.backend;
+        self.make_model_seal(shards)
+    }
+
+    /// Binds as one model shards held by **other processes of this worker** — processes started
+    /// with the same worker token, such as one process per GPU under `torch.distributed` — given
+    /// as their seal records and tags (gathered by the caller, e.g. with `gather_object`). Each tag
+    /// is checked under this worker's seal key in constant time (a record that does not verify is
+    /// forgery: audited critical, the worker stops), then the set is checked and sealed exactly as
+    /// [`seal_model_set`](Self::seal_model_set) does. The shards' memory is not read here: each
+    /// process verifies its own ([`attest_model_gathered`](Self::attest_model_gathered)).
+    ///
+    /// # Errors
+    /// As [`seal_model_set`](Self::seal_model_set) ([`VramError::SealForgery`] for a record whose
+    /// tag does not verify).
+    pub fn seal_model_records(&self, shards: &[(SealRecord, Tag)]) -> Result<SealedModel> {
+        self.ensure_running()?;
+        if shards.is_empty() {
+            return Err(VramError::InvalidInput {
+                field: "shards",
+                reason: "a model seal needs at least one shard".to_owned(),
+            });
+        }
+        let gathered: Vec<Gathered<'_>> = shards
+            .iter()
+            .map(|(record, tag)| Gathered { record, tag })
+            .collect();
+        for shard in &gathered {
+            self.check_record_seal(shard.record, shard.tag)?;
+        }
+        let refs: Vec<&Gathered<'_>> = gathered.iter().collect();
+        self.make_model_seal(&refs)
+    }
+
+    /// A shard seal record's HMAC under this worker's seal key (constant time); a failure is forgery
+    /// (audited critical, the worker stops).
+    fn check_record_seal(&self, record: &SealRecord, tag: &Tag) -> Result<()> {
+        if record.verify(&self.keys.seal, tag).is_ok() {
+            return Ok(());
+        }
+        Err(self.incident(
+            AuditEvent::SealVerificationFailed {
+                shard_id: record.shard_id.clone(),
+                gpu: record.gpu_device,
+                kind: FailureKind::Forgery,
+                damaged: Vec::new(),
+                tensors: Vec::new(),
+            },
+            VramError::SealForgery {
+                shard_id: record.shard_id.clone(),
+            },
+        ))
+    }
+
+    /// The model seal over `shards` (each already checked): agreement on `model_ref`,
+    /// `total_shards` and backend, every index exactly once, then the record, its tag and the
+    /// `model_sealed` audit record.
+    fn make_model_seal<T: SealedParts>(&self, shards: &[&T]) -> Result<SealedModel> {
+        let first = shards.first().ok_or_else(|| VramError::InvalidInput {
+            field: "shards",
+            reason: "a model seal needs at least one shard".to_owned(),
+        })?;
+        let model_ref = first.record().model_ref.clone();
+        let total_shards = first.record().total_shards;
+        let backend = first.record().backend;
         if total_shards > MAX_MODEL_SHARDS {
             return Err(VramError::InvalidInput {
                 field: "total_shards",
@@ -863,21 +926,24 @@ impl VramManager {
             });
         }
         for shard in shards {
-            let record = &shard.record;
+            let record = shard.record();
             let reason = if record.model_ref != model_ref {
                 Some(format!(
                     "its seal names model {:?}, shard {} names {model_ref:?}",
-                    record.model_ref, first.record.shard_index
+                    record.model_ref,
+                    first.record().shard_index
                 ))
             } else if record.total_shards != total_shards {
                 Some(format!(
                     "its seal says the model has {} shard(s), shard {} says {total_shards}",
-                    record.total_shards, first.record.shard_index
+                    record.total_shards,
+                    first.record().shard_index
                 ))
             } else if record.backend != backend {
                 Some(format!(
                     "it was sealed on backend {}, shard {} on {backend}",
-                    record.backend, first.record.shard_index
+                    record.backend,
+                    first.record().shard_index
                 ))
             } else {
                 None
@@ -898,7 +964,7 @@ impl VramManager {
             sealed_at_ns: unix_nanos(SystemTime::now()),
             shards: ordered
                 .iter()
-                .map(|shard| ModelShardEntry::new(&shard.record, &shard.tag))
+                .map(|shard| ModelShardEntry::new(shard.record(), shard.tag()))
                 .collect(),
         };
         let tag = record.sign(&self.keys.seal)?;
@@ -1050,15 +1116,15 @@ impl VramManager {
     }
 
     /// The given shards in index order, when they are exactly the ones `record` names.
-    fn match_model_shards<'a>(
+    fn match_model_shards<'a, T: SealedParts>(
         &self,
         record: &ModelSealRecord,
-        shards: &[&'a SealedShard],
-    ) -> Result<Vec<&'a SealedShard>> {
+        shards: &[&'a T],
+    ) -> Result<Vec<&'a T>> {
         let total = record.total_shards()?;
         let ordered = slot_shards(&record.model_ref, total, shards)?;
         for (entry, shard) in record.shards.iter().zip(&ordered) {
-            let given = &shard.record;
+            let given = shard.record();
             let reason = if given.model_ref != record.model_ref {
                 Some(format!(
                     "its seal names model {:?} (a shard of another model)",
@@ -1075,7 +1141,7 @@ impl VramManager {
                     given.backend, record.backend
                 ))
             } else {
-                entry.difference(given, &shard.tag).map(str::to_owned)
+                entry.difference(given, shard.tag()).map(str::to_owned)
             };
             if let Some(reason) = reason {
                 return Err(VramError::ModelShardMismatch {
@@ -1135,6 +1201,89 @@ impl VramManager {
             nonce: nonce.to_vec(),
             attested_at_ns: unix_nanos(SystemTime::now()),
             verify_elapsed_ns: nanos(report.elapsed),
+            audit_head: self.sink.head(),
+        };
+        attestation.sign(&self.keys.identity)
+    }
+
+    /// One model attestation from the **fresh shard attestations** of the processes that hold the
+    /// shards — processes of this worker (same worker token), e.g. one per GPU under
+    /// `torch.distributed`, each having run [`attest`](Self::attest) for the same `nonce` — and the
+    /// model seal made by [`seal_model_records`](Self::seal_model_records). Each envelope must
+    /// verify under this worker's public key for `nonce`, each shard's seal record and tag must
+    /// verify under the seal key (constant time; else forgery, audited, the worker stops), and the
+    /// set must be exactly the model's (each index once, each shard the one the model seal names).
+    /// The statement is the one [`attest_model`](Self::attest_model) makes, with each shard's
+    /// device, residency and fresh digest as its own process measured them; its
+    /// `verify_elapsed_ns` is the longest of the shards' (they ran in parallel) and its audit head
+    /// is this process's. Check it with [`AttestationEnvelope::verify_model`].
+    ///
+    /// # Errors
+    /// [`VramError::WorkerStopped`]; [`VramError::InvalidInput`] for a bad nonce or an envelope that
+    /// does not verify (another key, another nonce, altered); [`VramError::ModelSealForgery`],
+    /// [`VramError::SealForgery`]; the set errors of [`verify_model`](Self::verify_model).
+    pub fn attest_model_gathered(
+        &self,
+        model: &SealedModel,
+        envelopes: &[AttestationEnvelope],
+        nonce: &[u8],
+    ) -> Result<AttestationEnvelope> {
+        self.ensure_running()?;
+        validate_nonce(nonce)?;
+        self.check_model_seal(model)?;
+        let public = self.keys.identity.public_key();
+        let mut attestations = Vec::with_capacity(envelopes.len());
+        for (position, envelope) in envelopes.iter().enumerate() {
+            let attestation =
+                envelope
+                    .verify(public, nonce)
+                    .map_err(|error| VramError::InvalidInput {
+                        field: "envelopes",
+                        reason: format!(
+                            "gathered attestation {position} does not verify for this worker and nonce: {error}"
+                        ),
+                    })?;
+            self.check_record_seal(&attestation.record, &attestation.seal_tag)?;
+            attestations.push(attestation);
+        }
+        let gathered: Vec<Gathered<'_>> = attestations
+            .iter()
+            .map(|a| Gathered {
+                record: &a.record,
+                tag: &a.seal_tag,
+            })
+            .collect();
+        let refs: Vec<&Gathered<'_>> = gathered.iter().collect();
+        let ordered = self.match_model_shards(&model.record, &refs)?;
+        let mut shards = Vec::with_capacity(ordered.len());
+        let mut longest = 0u64;
+        for shard in ordered {
+            let attestation = attestations
+                .iter()
+                .find(|a| std::ptr::eq(&a.record, shard.record))
+                .ok_or(VramError::Backend {
+                    reason: "a gathered attestation went missing".to_owned(),
+                })?;
+            longest = longest.max(attestation.verify_elapsed_ns);
+            shards.push(AttestedShard {
+                record: attestation.record.clone(),
+                seal_tag: attestation.seal_tag,
+                device_name: attestation.device_name.clone(),
+                driver_version: attestation.driver_version.clone(),
+                unified_memory: attestation.unified_memory,
+                residency: attestation.residency.clone(),
+                verified_digest: attestation.verified_digest,
+                verified_bytes: attestation.verified_bytes,
+                verify_elapsed_ns: attestation.verify_elapsed_ns,
+            });
+        }
+        let attestation = ModelAttestation {
+            model: model.record.clone(),
+            model_tag: model.tag,
+            shards,
+            nonce: nonce.to_vec(),
+            attested_at_ns: unix_nanos(SystemTime::now()),
+            verify_elapsed_ns: longest,
             audit_head: self.sink.head(),
         };
         attestation.sign(&self.keys.identity)
@@ -1297,21 +1446,52 @@ fn nanos(duration: Duration) -> u64 {
 
 /// Places `shards` by index: every index `0..total` exactly once, or the error that names the
 /// first index out of range, given twice, or missing.
-fn slot_shards<'a>(
+/// A shard's seal record and tag: a [`SealedShard`] held here, or one gathered from another process
+/// of this worker ([`VramManager::seal_model_records`], [`VramManager::attest_model_gathered`]).
+trait SealedParts {
+    fn record(&self) -> &SealRecord;
+    fn tag(&self) -> &Tag;
+}
+
+impl SealedParts for SealedShard {
+    fn record(&self) -> &SealRecord {
+        &self.record
+    }
+    fn tag(&self) -> &Tag {
+        &self.tag
+    }
+}
+
+/// A seal record and tag gathered from another process.
+struct Gathered<'a> {
+    record: &'a SealRecord,
+    tag: &'a Tag,
+}
+
+impl SealedParts for Gathered<'_> {
+    fn record(&self) -> &SealRecord {
+        self.record
+    }
+    fn tag(&self) -> &Tag {
+        self.tag
+    }
+}
+
+fn slot_shards<'a, T: SealedParts>(
     model_ref: &str,
     total: u32,
-    shards: &[&'a SealedShard],
-) -> Result<Vec<&'a SealedShard>> {
-    let mut slots: Vec<Option<&'a SealedShard>> = vec![None; usize::try_from(total).unwrap_or(0)];
-    if let Some(extra) = shards.iter().find(|s| s.record.shard_index >= total) {
+    shards: &[&'a T],
+) -> Result<Vec<&'a T>> {
+    let mut slots: Vec<Option<&'a T>> = vec![None; usize::try_from(total).unwrap_or(0)];
+    if let Some(extra) = shards.iter().find(|s| s.record().shard_index >= total) {
         return Err(VramError::ModelShardExtra {
             model_ref: model_ref.to_owned(),
-            shard_index: extra.record.shard_index,
+            shard_index: extra.record().shard_index,
             total_shards: total,
         });
     }
     for shard in shards {
-        let index = shard.record.shard_index;
+        let index = shard.record().shard_index;
         match usize::try_from(index).ok().and_then(|i| slots.get_mut(i)) {
             Some(slot @ None) => *slot = Some(*shard),
             Some(Some(_)) => {

@@ -591,3 +591,108 @@ fn shards_sharing_a_gpu_are_verified_one_after_another_in_index_order() {
         assert_eq!(ids, expected);
     }
 }
+
+/// One process per GPU (as under `torch.distributed`): two managers of one worker (the same worker
+/// token, separate backends), each holding one shard. Rank 0 seals the model from the gathered seal
+/// records and tags, then makes one model attestation from the ranks' fresh shard attestations; it
+/// verifies offline with the public key alone. A missing rank, another nonce and a record from
+/// another worker are refused.
+#[test]
+fn ranks_of_one_worker_seal_and_attest_one_model_from_gathered_records_and_attestations_vp_006() {
+    let rank0 = sim_worker(2, 64 << 20, ManagerConfig::default());
+    let rank1 = sim_worker(2, 64 << 20, ManagerConfig::default());
+    let shard0 = rank0
+        .manager
+        .seal_model_with(
+            &two_tensor_safetensors(200),
+            0,
+            &opts("org/tp2", "tp-0", 0, 2),
+        )
+        .unwrap();
+    let shard1 = rank1
+        .manager
+        .seal_model_with(
+            &two_tensor_safetensors(201),
+            1,
+            &opts("org/tp2", "tp-1", 1, 2),
+        )
+        .unwrap();
+    // What each rank sends to rank 0: its seal record's canonical bytes and its tag.
+    let gathered: Vec<_> = [&shard0, &shard1]
+        .iter()
+        .map(|s| {
+            let record = vram_residency::SealRecord::decode(&s.record.encode().unwrap()).unwrap();
+            let tag = vram_residency::Tag::from_public_bytes(*s.seal_tag().as_bytes());
+            (record, tag)
+        })
+        .collect();
+    let model = rank0.manager.seal_model_records(&gathered).unwrap();
+    assert_eq!(model.total_shards(), 2);
+    assert_eq!(model.record.shards[1].gpu_device, 1);
+
+    let envelopes = [
+        rank0.manager.attest(&shard0, &NONCE).unwrap(),
+        rank1.manager.attest(&shard1, &NONCE).unwrap(),
+    ];
+    let combined = rank0
+        .manager
+        .attest_model_gathered(&model, &envelopes, &NONCE)
+        .unwrap();
+    let public = PublicKey::from_pem(&rank1.manager.public_key().to_pem()).unwrap();
+    let attested = combined.verify_model(&public, &NONCE).unwrap();
+    assert_eq!(attested.shards.len(), 2);
+    assert_eq!(attested.shards[1].record.shard_id.as_str(), "tp-1");
+    assert_eq!(attested.shards[1].verified_digest, shard1.record.digest);
+
+    // A rank missing, a rank that attested for another nonce.
+    assert!(matches!(
+        rank0
+            .manager
+            .attest_model_gathered(&model, &envelopes[..1], &NONCE),
+        Err(VramError::ModelShardMissing { shard_index: 1, .. })
+    ));
+    let stale = rank1.manager.attest(&shard1, b"another-nonce-16").unwrap();
+    let refused = rank0
+        .manager
+        .attest_model_gathered(&model, &[envelopes[0].clone(), stale], &NONCE)
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("gathered attestation 1 does not verify"),
+        "{refused}"
+    );
+    assert_eq!(rank0.manager.state(), WorkerState::Running);
+
+    // A shard sealed by another worker (another token): its tag does not verify here. Forgery.
+    let other = vram_residency::VramManager::new_with_token(
+        &vram_residency::WorkerToken::from_bytes(
+            b"another-worker-token-of-32-bytes-or-more".to_vec(),
+        )
+        .unwrap(),
+        Arc::new(vram_residency::SimBackend::new(
+            vram_residency::SimConfig::default(),
+        )),
+    )
+    .unwrap();
+    let foreign = other
+        .seal_model_with(
+            &two_tensor_safetensors(202),
+            0,
+            &opts("org/tp2", "tp-1", 1, 2),
+        )
+        .unwrap();
+    let mixed = vec![
+        gathered[0].clone(),
+        (foreign.record.clone(), *foreign.seal_tag()),
+    ];
+    assert!(matches!(
+        rank0.manager.seal_model_records(&mixed),
+        Err(VramError::SealForgery { .. })
+    ));
+    assert!(matches!(rank0.manager.state(), WorkerState::Stopped { .. }));
+    for (w, shard) in [(&rank0, shard0), (&rank1, shard1)] {
+        w.manager.deallocate(shard).unwrap();
+    }
+    other.deallocate(foreign).unwrap();
+}
