@@ -915,3 +915,89 @@ fn gpu_a_model_of_four_shards_is_sealed_verified_on_every_gpu_at_once_attested_a
 fn tensors_offset_of(image: &[u8]) -> u64 {
     8 + u64::from_le_bytes(image[..8].try_into().unwrap())
 }
+
+/// `mincore(2)` of a shared mapping of the file, from Python's standard library (ctypes): the
+/// fallback where util-linux `fincore` is missing.
+const MINCORE_PY: &str = r#"
+import ctypes, mmap, os, sys
+f = open(sys.argv[1], "r+b")
+size = os.fstat(f.fileno()).st_size
+m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE)
+buf = (ctypes.c_char * size).from_buffer(m)
+pages = (size + 4095) // 4096
+vec = (ctypes.c_ubyte * pages)()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+if libc.mincore(ctypes.addressof(buf), size, vec) != 0:
+    sys.exit("mincore failed: errno %d" % ctypes.get_errno())
+print(sum(v & 1 for v in vec) * 4096)
+del buf
+m.close()
+"#;
+
+/// Resident page-cache bytes of `path`: util-linux `fincore`, or `mincore(2)` through python3;
+/// `None` where neither runs.
+fn cached_bytes(path: &std::path::Path) -> Option<u64> {
+    let parse = |out: std::process::Output| -> Option<u64> {
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(parse)
+        .or_else(|| {
+            std::process::Command::new("python3")
+                .args(["-c", MINCORE_PY])
+                .arg(path)
+                .output()
+                .ok()
+                .and_then(parse)
+        })
+}
+
+#[test]
+fn gpu_a_seal_leaves_none_of_the_files_pages_in_the_page_cache_vp_003() {
+    let test = "gpu_a_seal_leaves_none_of_the_files_pages_in_the_page_cache_vp_003";
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.bin");
+    std::fs::write(&path, random_bytes(256 << 20, 31)).unwrap();
+    if cached_bytes(&path).is_none() {
+        crate::support::skip(test, "neither fincore (util-linux) nor python3 runs here");
+        return;
+    }
+    let (manager, _) = manager(&gpu);
+    let raw = SealOptions {
+        format: vram_residency::format::FormatChoice::Raw,
+        ..SealOptions::default()
+    };
+    // Pages cached by writing the file, then by reading it (the two ways a model's pages get there).
+    for how in ["written", "read"] {
+        if how == "read" {
+            std::fs::read(&path).unwrap();
+        }
+        let before = cached_bytes(&path).unwrap();
+        assert!(
+            before >= 200 << 20,
+            "{how}: only {before} bytes cached before the seal"
+        );
+        let shard = manager.seal_file(&path, 0, &raw).unwrap();
+        let after = cached_bytes(&path).unwrap();
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: pages cached by being {how}: {before} bytes cached before the seal, {after} after"
+        );
+        assert_eq!(
+            after, 0,
+            "{how}: {after} bytes of the file still cached after the seal"
+        );
+        manager.deallocate(shard).unwrap();
+    }
+}
