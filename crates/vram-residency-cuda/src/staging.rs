@@ -404,69 +404,11 @@ fn read_chunks(
     at = ReaderTimes::add(&times.ring, at);
     let slot_bytes = config.slot_bytes as u64;
     let len = dst.len();
-    let stripe_chunks = stripe_chunks(chunks, config.readers);
-    'stripes: while !failed.load(Ordering::Relaxed) {
-        // A stripe: `stripe_chunks` consecutive chunks, read in order by this reader, whose pages
-        // are dropped in one call once all of it is in pinned buffers (see `stripe_chunks`).
-        let first = next_chunk
-            .fetch_add(1, Ordering::Relaxed)
-            .saturating_mul(stripe_chunks);
-        if first >= chunks {
+    while !failed.load(Ordering::Relaxed) {
+        let chunk = next_chunk.fetch_add(1, Ordering::Relaxed);
+        if chunk >= chunks {
             break;
         }
-        let end = first.saturating_add(stripe_chunks).min(chunks);
-        for chunk in first..end {
-            if failed.load(Ordering::Relaxed) {
-                break 'stripes;
-            }
-            at = read_one(
-                dst, file, config, &mut ring, chunk, uploaded, progress, times, at,
-            )?;
-        }
-        if config.drop_page_cache && !config.direct_io {
-            let from = first.saturating_mul(slot_bytes);
-            let to = end.saturating_mul(slot_bytes).min(len);
-            drop_page_cache(file, from, to.saturating_sub(from));
-            at = ReaderTimes::add(&times.drop_cache, at);
-        }
-    }
-    ring.finish()?;
-    pool.give_back(ring);
-    ReaderTimes::add(&times.finish, at);
-    Ok(())
-}
-
-/// Chunks per stripe, so that each `posix_fadvise(DONTNEED)` covers up to 64 MiB: every call may
-/// drain every CPU's LRU batches under a global lock, and a file whose pages had been *read* before
-/// (not just written) made one call per 2 MiB chunk cost 37.5 s of reader time for 16 GiB (a
-/// 2.6 s seal instead of 0.36 s; H200 host, 16 readers, 2026-12-03). At least four stripes per
-/// reader, so that small files still spread over the readers.
-fn stripe_chunks(chunks: u64, readers: usize) -> u64 {
-    let per_reader = chunks
-        .checked_div((readers.max(1) as u64).saturating_mul(4))
-        .unwrap_or(1);
-    per_reader.clamp(1, 32)
-}
-
-/// Reads chunk `chunk` into the reader's next pinned buffer and queues its copy to VRAM.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the shared state of one upload, private"
-)]
-fn read_one(
-    dst: &VramBuffer,
-    file: &File,
-    config: &StagingConfig,
-    ring: &mut Ring,
-    chunk: u64,
-    uploaded: &AtomicU64,
-    progress: &(dyn Fn(u64) + Sync),
-    times: &ReaderTimes,
-    mut at: Instant,
-) -> Result<Instant> {
-    let slot_bytes = config.slot_bytes as u64;
-    let len = dst.len();
-    {
         let offset = chunk
             .checked_mul(slot_bytes)
             .ok_or(CudaError::OutOfBounds {
@@ -499,12 +441,20 @@ fn read_one(
         }
         Ring::send(&stream, slot, dst, offset, n)?;
         at = ReaderTimes::add(&times.send, at);
+        if config.drop_page_cache && !config.direct_io {
+            // Chunk by chunk, in parallel: the bytes are in the pinned buffer now.
+            drop_page_cache(file, offset, n as u64);
+            at = ReaderTimes::add(&times.drop_cache, at);
+        }
         let total = uploaded
             .fetch_add(n as u64, Ordering::Relaxed)
             .saturating_add(n as u64);
         progress(total);
     }
-    Ok(at)
+    ring.finish()?;
+    pool.give_back(ring);
+    ReaderTimes::add(&times.finish, at);
+    Ok(())
 }
 
 /// Reads into `buffer` at `offset` until at least `want` bytes arrived or the file ended.
@@ -600,21 +550,4 @@ pub fn upload_reader(
         });
     }
     ring.finish()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stripe_chunks;
-
-    #[test]
-    fn stripes_drop_up_to_64_mib_per_call_and_spread_small_files_over_the_readers() {
-        // 16 GiB of 2 MiB chunks over 16 readers: 64 MiB stripes (256 calls instead of 8192).
-        assert_eq!(stripe_chunks(8192, 16), 32);
-        // 1 GiB over 8 readers: 32 MiB stripes, four per reader.
-        assert_eq!(stripe_chunks(512, 8), 16);
-        // Small files: one chunk per stripe, as before.
-        assert_eq!(stripe_chunks(8, 8), 1);
-        assert_eq!(stripe_chunks(1, 16), 1);
-        assert_eq!(stripe_chunks(0, 0), 1);
-    }
 }
