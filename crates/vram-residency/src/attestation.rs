@@ -131,17 +131,22 @@ pub fn parse_nonce_hex(text: &str) -> Result<Vec<u8>> {
     Ok(nonce)
 }
 
+/// A statement's bytes (shard or model attestation): the nonce checked, then `wire` as JSON.
+pub(crate) fn statement_bytes(nonce: &[u8], wire: &impl serde::Serialize) -> Result<Vec<u8>> {
+    validate_nonce(nonce)?;
+    serde_json::to_vec(wire).map_err(|e| VramError::InvalidInput {
+        field: "attestation",
+        reason: format!("cannot be serialised: {e}"),
+    })
+}
+
 impl Attestation {
     /// The in-toto Statement, serialised: the bytes the envelope carries and signs.
     ///
     /// # Errors
     /// [`VramError::InvalidInput`] for a bad nonce or seal record.
     pub fn statement_bytes(&self) -> Result<Vec<u8>> {
-        validate_nonce(&self.nonce)?;
-        serde_json::to_vec(&self.to_wire()?).map_err(|e| VramError::InvalidInput {
-            field: "attestation",
-            reason: format!("cannot be serialised: {e}"),
-        })
+        statement_bytes(&self.nonce, &self.to_wire()?)
     }
 
     /// Signs the statement with the worker's identity.

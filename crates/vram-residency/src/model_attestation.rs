@@ -33,7 +33,7 @@ use crate::attestation::{AttestationEnvelope, PREDICATE_TYPE};
 use crate::attestation::{
     MODEL_PREDICATE_TYPE, STATEMENT_TYPE, Subject, SubjectDigest, WireDevice, WireHead,
     WireResidency, WireSeal, WireVerification, check_residency_fits, malformed, parse_digest,
-    parse_tag, validate_nonce,
+    parse_tag,
 };
 use crate::audit::AuditHead;
 use crate::backend::{Residency, UnifiedMemoryFacts};
@@ -101,11 +101,7 @@ impl ModelAttestation {
     /// # Errors
     /// [`VramError::InvalidInput`] for a bad nonce, seal record or model seal record.
     pub fn statement_bytes(&self) -> Result<Vec<u8>> {
-        validate_nonce(&self.nonce)?;
-        serde_json::to_vec(&self.to_wire()?).map_err(|e| VramError::InvalidInput {
-            field: "attestation",
-            reason: format!("cannot be serialised: {e}"),
-        })
+        crate::attestation::statement_bytes(&self.nonce, &self.to_wire()?)
     }
 
     /// Signs the statement with the worker's identity.
