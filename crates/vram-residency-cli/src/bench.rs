@@ -448,44 +448,22 @@ fn print_table(runs: &[SizeRun], report: &serde_json::Value) {
 
 /// Writes `size` pseudo-random bytes (splitmix64 per 8 MiB piece), on all cores.
 fn write_random_file(path: &Path, size: u64) -> anyhow::Result<()> {
-    const PIECE: u64 = 8 << 20;
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     file.set_len(size)?;
-    let pieces = size.div_ceil(PIECE);
-    let next = std::sync::atomic::AtomicU64::new(0);
-    let threads = std::thread::available_parallelism().map_or(4, std::num::NonZero::get);
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| -> anyhow::Result<()> {
-                    let mut buffer = vec![0u8; usize::try_from(PIECE)?];
-                    loop {
-                        let piece = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if piece >= pieces {
-                            return Ok(());
-                        }
-                        let offset = piece.saturating_mul(PIECE);
-                        let n = usize::try_from(PIECE.min(size.saturating_sub(offset)))?;
-                        let mut state = piece.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ size;
-                        for word in buffer.chunks_exact_mut(8) {
-                            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                            let mut z = state;
-                            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                            word.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-                        }
-                        let bytes = buffer.get(..n).context("piece size")?;
-                        file.write_all_at(bytes, offset)?;
-                    }
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("a writer thread panicked"))??;
+    for_each_piece(size, |piece, offset, buffer| {
+        let mut state = piece.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ size;
+        // A short last piece ends with the first bytes of its last word.
+        for word in buffer.chunks_mut(8) {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            for (byte, value) in word.iter_mut().zip((z ^ (z >> 31)).to_le_bytes()) {
+                *byte = value;
+            }
         }
+        file.write_all_at(buffer, offset)?;
         Ok(())
     })?;
     // Written back, so the seal reads a clean, page-cache-hot file (as a model that has been on the
@@ -579,9 +557,20 @@ fn model_run(
 /// Reads `path` whole with several threads (and throws the bytes away), so that its pages are in the
 /// page cache again.
 fn warm_page_cache(path: &Path) -> anyhow::Result<()> {
-    const PIECE: u64 = 8 << 20;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let size = file.metadata()?.len();
+    for_each_piece(size, |_, offset, buffer| {
+        Ok(file.read_exact_at(buffer, offset)?)
+    })
+}
+
+/// Runs `work(piece, offset, buffer)` for every 8 MiB piece of `size` bytes (the last one shorter),
+/// on one thread per core, each with its own buffer of the piece's length.
+fn for_each_piece(
+    size: u64,
+    work: impl Fn(u64, u64, &mut [u8]) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    const PIECE: u64 = 8 << 20;
     let pieces = size.div_ceil(PIECE);
     let next = std::sync::atomic::AtomicU64::new(0);
     let threads = std::thread::available_parallelism().map_or(4, std::num::NonZero::get);
@@ -597,8 +586,7 @@ fn warm_page_cache(path: &Path) -> anyhow::Result<()> {
                         }
                         let offset = piece.saturating_mul(PIECE);
                         let n = usize::try_from(PIECE.min(size.saturating_sub(offset)))?;
-                        let bytes = buffer.get_mut(..n).context("piece size")?;
-                        file.read_exact_at(bytes, offset)?;
+                        work(piece, offset, buffer.get_mut(..n).context("piece size")?)?;
                     }
                 })
             })
@@ -606,7 +594,7 @@ fn warm_page_cache(path: &Path) -> anyhow::Result<()> {
         for worker in workers {
             worker
                 .join()
-                .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??;
+                .map_err(|_| anyhow::anyhow!("a worker thread panicked"))??;
         }
         Ok(())
     })
