@@ -9,7 +9,7 @@
 //!   keeps it on those SMs, whatever the grid size. Device memory is shared with the primary
 //!   context (the shards live there).
 //! - **Bounded grid** (fallback): the kernel on a lowest-priority stream of the primary context,
-//!   its grid capped at `N × 3` blocks (3 resident blocks per SM at 67 registers), so at most `N`
+//!   its grid capped at `N × 3` blocks (3 resident blocks per SM at 70 registers), so at most `N`
 //!   SMs' worth of blocks are ever resident. The block scheduler may still spread them over more
 //!   SMs, and a one-wave kernel beside it is delayed more than a multi-wave one.
 //!
