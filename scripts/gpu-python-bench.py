@@ -6,12 +6,18 @@
 - vram_residency: `Worker.seal_checkpoint` + `vram_residency.torch.state_dict` (seal, digest on
   the GPU, zero-copy torch tensors) — and, for the same bytes, `Worker.seal_file` per file alone
   (the CLI's `seal` path) to show what the torch views cost on top;
-- the guard's cost per request: `Model.verify()` (best and median of 10).
+- the guard's cost per request: `Model.verify()` (best and median of 10);
+- with `--interference 8,16,32`: a torch workload in the same process (a decode-like bf16 GEMV,
+  `torch.mv` over `--victim-gib` of weights, which cuBLAS runs as many blocks in several waves) alone,
+  beside `Worker.verify_in_background(model, sms=N)` for each N, and beside back-to-back
+  `Model.verify()` in another thread: the workload's ms per step, how much slower, and the GB/s
+  re-verified.
 
 The page cache is warmed (every file read once) before each method, since a seal drops the pages it
 read. Prints one JSON object. Usage (needs torch, safetensors and the vram_residency wheel):
 
-    python3 scripts/gpu-python-bench.py --gib 16 --files 4 --dir /tmp/bench-ckpt --token FILE
+    python3 scripts/gpu-python-bench.py --gib 16 --files 4 --dir /tmp/bench-ckpt --token FILE \
+        [--interference 8,16,32 --victim-gib 8 --seconds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,12 +106,86 @@ def timed(label: str, paths: list[Path], run) -> dict:
             "page_cache_read_gb_per_s_before": round(read_gbps, 2), "result": result}
 
 
+def victim_steps(step, seconds: float, batch: int = 20) -> list[float]:
+    """Runs `step` in batches of `batch` for about `seconds`; ms per step of each batch (CUDA events)."""
+    times = []
+    deadline = time.perf_counter() + seconds
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    while time.perf_counter() < deadline:
+        start.record()
+        for _ in range(batch):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / batch)
+    return times
+
+
+def interference(worker, model, total: int, budgets: list[int], victim_gib: int, seconds: float) -> dict:
+    """A torch workload in this process alone, beside background verification at each SM budget,
+    and beside foreground verification back to back."""
+    cols = 8192
+    rows = (victim_gib << 30) // (2 * cols)
+    weights = torch.randn(rows, cols, device="cuda:0", dtype=torch.bfloat16)
+    x = torch.randn(cols, device="cuda:0", dtype=torch.bfloat16)
+    y = torch.empty(rows, device="cuda:0", dtype=torch.bfloat16)
+
+    def step():
+        torch.mv(weights, x, out=y)
+
+    victim_steps(step, 0.5)  # cuBLAS heuristics, clocks
+    alone = victim_steps(step, seconds)
+    base = statistics.median(alone)
+    out = {"victim": f"torch.mv bf16 [{rows} x {cols}] ({victim_gib} GiB)", "resident_bytes": total,
+           "seconds_per_scenario": seconds,
+           "alone_ms_per_step": {"median": round(base, 4), "best": round(min(alone), 4)},
+           "beside": []}
+    log(f"victim alone: {base:.3f} ms/step (median)")
+    for sms in budgets:
+        with worker.verify_in_background(model, sms=sms) as background:
+            time.sleep(0.3)
+            beside = statistics.median(victim_steps(step, seconds))
+            stats = background.stats()
+        row = {"sms": sms, "mechanism": stats.get("mechanism"), "sms_granted": stats.get("sms"),
+               "victim_ms_per_step": round(beside, 4),
+               "victim_slower_percent": round((beside / base - 1) * 100, 2),
+               "verified_gb_per_s": round(stats.get("gb_per_s") or 0.0, 1),
+               "passes": stats.get("passes"), "incident": stats.get("incident")}
+        log(f"beside background verification on {sms} SMs: {row}")
+        out["beside"].append(row)
+    stop = threading.Event()
+    verified = []
+
+    def foreground():
+        while not stop.is_set():
+            verified.append(model.verify()["bytes"])
+
+    thread = threading.Thread(target=foreground)
+    started = time.perf_counter()
+    thread.start()
+    beside = statistics.median(victim_steps(step, seconds))
+    stop.set()
+    thread.join()
+    elapsed = time.perf_counter() - started
+    row = {"sms": "all (foreground, back to back)", "victim_ms_per_step": round(beside, 4),
+           "victim_slower_percent": round((beside / base - 1) * 100, 2),
+           "verified_gb_per_s": round(sum(verified) / elapsed / 1e9, 1), "passes": len(verified)}
+    log(f"beside foreground verification: {row}")
+    out["beside"].append(row)
+    del weights, x, y
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gib", type=int, default=16)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench-ckpt"))
     parser.add_argument("--token", type=Path, required=True)
+    parser.add_argument("--interference", default="",
+                        help="SM budgets, e.g. 8,16,32: a torch workload beside background verification")
+    parser.add_argument("--victim-gib", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
 
     paths = make_checkpoint(args.dir, args.gib, args.files)
@@ -166,6 +247,9 @@ def main() -> int:
     }
     sealed_holder.clear()
     gc.collect()
+    if args.interference:
+        budgets = [int(n) for n in args.interference.split(",") if n]
+        out["interference"] = interference(worker, model, total, budgets, args.victim_gib, args.seconds)
     model.evict()
     ratio = (out["vram_residency_seal_checkpoint_and_state_dict"]["gb_per_s"]
              / out["vram_residency_seal_file_each"]["gb_per_s"])
