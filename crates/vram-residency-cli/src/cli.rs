@@ -215,7 +215,8 @@ pub struct BenchArgs {
     /// the whole model on every GPU at once (per-GPU and aggregate GB/s).
     #[arg(long, value_parser = parse_bytes)]
     pub model_shard: Option<u64>,
-    /// Seals per size, each of the page-cache-hot file (best, median and first are reported).
+    /// Seals per size, each of the page-cache-hot file with its pages cached by writing it (best,
+    /// median and first are reported); then one more with its pages cached by reading it.
     #[arg(long, default_value_t = 3)]
     pub seal_runs: usize,
     /// Skip the seed crate's method (slow: one-core SHA-256 of every byte).
