@@ -25,6 +25,7 @@ use vram_residency::backend::Confinement;
 use crate::error::{CudaError, Result};
 use crate::kernels::{ENTRIES, THREADS_PER_BLOCK};
 use crate::tree::Launcher;
+use crate::vram::VramBuffer;
 
 /// Resident blocks of the hashing kernel per SM (67 registers × 256 threads).
 const BLOCKS_PER_SM: u32 = 3;
@@ -240,9 +241,8 @@ impl Lane {
         let out = probe.checked_range(4096, 32)?;
         // SAFETY: `data` holds 4096 bytes, `out` room for one hash; synchronised before reading.
         unsafe { self.hash_blocks(data, 4096, out) }?;
-        self.sync()?;
         let mut hash = [0u8; 32];
-        probe.read(4096, &mut hash)?;
+        self.read(&probe, 4096, &mut hash)?;
         if hash == ZERO_BLOCK_SHA256 {
             Ok(())
         } else {
@@ -315,6 +315,12 @@ impl Launcher for Lane {
         check("cuStreamSynchronize", unsafe {
             sys::cuStreamSynchronize(self.stream)
         })
+    }
+
+    fn read(&self, arena: &VramBuffer, offset: u64, dst: &mut [u8]) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the lane's own stream, of its context, made current above.
+        unsafe { arena.read_on(self.stream, offset, dst) }
     }
 }
 

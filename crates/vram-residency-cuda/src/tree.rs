@@ -116,6 +116,17 @@ impl Workspace {
     pub(crate) const fn bytes(&self) -> u64 {
         self.arena.len()
     }
+
+    /// Copies scratch bytes to the host on the main stream, after what is queued there (not on
+    /// the legacy default stream: see [`VramBuffer::read_on`]).
+    fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        self.main
+            .context()
+            .bind_to_thread()
+            .map_err(CudaError::driver("cuCtxSetCurrent"))?;
+        // SAFETY: `main` is this workspace's live stream, of the context made current above.
+        unsafe { self.arena.read_on(self.main.cu_stream(), offset, dst) }
+    }
 }
 
 /// Scratch bytes a workspace needs to measure a shard of `len` bytes.
@@ -134,6 +145,10 @@ pub(crate) trait Launcher {
 
     /// Waits for everything queued on the lane.
     fn sync(&self) -> Result<()>;
+
+    /// Copies `dst.len()` bytes of `arena` at `offset` to the host on the lane's stream, after
+    /// what is queued there, and waits for it.
+    fn read(&self, arena: &VramBuffer, offset: u64, dst: &mut [u8]) -> Result<()>;
 }
 
 /// Measures `buffer` on a confined lane: the same windows, passes and result as [`measure`], one
@@ -182,7 +197,11 @@ pub(crate) fn measure_on_lane(
     let synced = lane.sync();
     queued?;
     synced?;
-    let level1 = read_level1(arena, layout.level1, len.div_ceil(SPAN))?;
+    let level1 = read_level1(
+        &|offset, dst| lane.read(arena, offset, dst),
+        layout.level1,
+        len.div_ceil(SPAN),
+    )?;
     TreeDigest::from_level1(level1, len).map_err(|_| CudaError::Internal("level-1 count"))
 }
 
@@ -240,27 +259,31 @@ fn measure_in(
         // output bytes (checked_range); both live on this context; the stream is synchronised
         // before the hash is read and before the workspace is reused or freed.
         unsafe { launch_hash_blocks(function, &workspace.main, buffer.device_ptr(), len, out) }?;
-        sync(&workspace.main)?;
-        let mut root = [0u8; HASH_SIZE];
-        arena.read(0, &mut root)?;
-        return Ok(vec![root]);
+        return read_level1(&|offset, dst| workspace.read(offset, dst), 0, 1);
     }
     let streams: [&Arc<CudaStream>; 2] = [&workspace.main, &workspace.second];
     queue_windows(function, buffer, plan, layout, &streams, arena)?;
     sync(&workspace.second)?;
-    sync(&workspace.main)?;
-    read_level1(arena, layout.level1, len.div_ceil(SPAN))
+    read_level1(
+        &|offset, dst| workspace.read(offset, dst),
+        layout.level1,
+        len.div_ceil(SPAN),
+    )
 }
 
-/// Copies `count` level-1 hashes back from `arena` at `offset` (after the streams that wrote them
-/// were synchronised).
-fn read_level1(arena: &VramBuffer, offset: u64, count: u64) -> Result<Vec<[u8; HASH_SIZE]>> {
+/// Copies `count` level-1 hashes back from the scratch at `offset` with `read` (after the other
+/// streams that wrote them were synchronised; `read` copies on, and waits for, its own).
+fn read_level1(
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    offset: u64,
+    count: u64,
+) -> Result<Vec<[u8; HASH_SIZE]>> {
     let bytes =
         usize::try_from(count.saturating_mul(HASH)).map_err(|_| CudaError::OutOfBounds {
             what: "level-1 size",
         })?;
     let mut hashes = vec![0u8; bytes];
-    arena.read(offset, &mut hashes)?;
+    read(offset, &mut hashes)?;
     Ok(hashes
         .chunks_exact(HASH_SIZE)
         .map(|h| {

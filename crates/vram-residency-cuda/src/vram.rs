@@ -172,6 +172,32 @@ impl VramBuffer {
         unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(CudaError::driver("cuMemcpyDtoH"))
     }
 
+    /// Copies `dst.len()` bytes at `offset` to `dst` on `stream` and waits for that stream.
+    ///
+    /// A synchronous `cuMemcpyDtoH` ([`Self::read`]) runs on the legacy default stream, which is
+    /// where torch queues its kernels: the copy would wait for all of that work (measured on the
+    /// H200: background verification beside a torch workload in the same process at half speed).
+    /// Verification reads its results with this instead, on its own non-blocking stream.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the context current on this thread (the caller binds it).
+    pub(crate) unsafe fn read_on(
+        &self,
+        stream: sys::CUstream,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let src = self.checked_range(offset, dst.len() as u64)?;
+        // SAFETY: `src..src+dst.len()` lies inside this allocation (checked_range); `stream` is
+        // live and its context current (the caller's contract); `dst` is exclusively borrowed
+        // until the stream has been synchronised below, so the copy cannot outlive it.
+        unsafe { result::memcpy_dtoh_async(dst, src, stream) }
+            .map_err(CudaError::driver("cuMemcpyDtoHAsync"))?;
+        // SAFETY: as above.
+        unsafe { result::stream::synchronize(stream) }
+            .map_err(CudaError::driver("cuStreamSynchronize"))
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
