@@ -303,8 +303,8 @@ fn bench_size(
         shard = Some(manager.seal_file(&path, args.gpu, &raw)?);
         seal_times.push(started.elapsed().as_secs_f64());
         if run == 0 && rss_reset {
-            // The first seal only: warming the page cache for the next ones reads with buffers
-            // of its own.
+            // The first seal only: writing the file again for the next ones, and reading it for
+            // the last, use buffers of their own.
             peak_rss = status_bytes("VmHWM:");
         }
     }

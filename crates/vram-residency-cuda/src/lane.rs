@@ -27,7 +27,7 @@ use crate::kernels::{ENTRIES, THREADS_PER_BLOCK};
 use crate::tree::Launcher;
 use crate::vram::VramBuffer;
 
-/// Resident blocks of the hashing kernel per SM (67 registers × 256 threads).
+/// Resident blocks of the hashing kernel per SM (70 registers × 256 threads).
 const BLOCKS_PER_SM: u32 = 3;
 
 /// First driver version with green contexts (12.4).
