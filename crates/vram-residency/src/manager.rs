@@ -843,12 +843,6 @@ impl VramManager {
     /// [`VramError::ModelShardMissing`], [`VramError::ModelShardExtra`]; [`VramError::Audit`].
     pub fn seal_model_set(&self, shards: &[&SealedShard]) -> Result<SealedModel> {
         self.ensure_running()?;
-        if shards.is_empty() {
-            return Err(VramError::InvalidInput {
-                field: "shards",
-                reason: "a model seal needs at least one shard".to_owned(),
-            });
-        }
         for shard in shards {
             self.check_owner(shard)?;
             self.check_seal(shard)?;
@@ -869,20 +863,10 @@ impl VramManager {
     /// tag does not verify).
     pub fn seal_model_records(&self, shards: &[(SealRecord, Tag)]) -> Result<SealedModel> {
         self.ensure_running()?;
-        if shards.is_empty() {
-            return Err(VramError::InvalidInput {
-                field: "shards",
-                reason: "a model seal needs at least one shard".to_owned(),
-            });
+        for (record, tag) in shards {
+            self.check_record_seal(record, tag)?;
         }
-        let gathered: Vec<Gathered<'_>> = shards
-            .iter()
-            .map(|(record, tag)| Gathered { record, tag })
-            .collect();
-        for shard in &gathered {
-            self.check_record_seal(shard.record, shard.tag)?;
-        }
-        let refs: Vec<&Gathered<'_>> = gathered.iter().collect();
+        let refs: Vec<&(SealRecord, Tag)> = shards.iter().collect();
         self.make_model_seal(&refs)
     }
 
@@ -1246,24 +1230,11 @@ impl VramManager {
             self.check_record_seal(&attestation.record, &attestation.seal_tag)?;
             attestations.push(attestation);
         }
-        let gathered: Vec<Gathered<'_>> = attestations
-            .iter()
-            .map(|a| Gathered {
-                record: &a.record,
-                tag: &a.seal_tag,
-            })
-            .collect();
-        let refs: Vec<&Gathered<'_>> = gathered.iter().collect();
+        let refs: Vec<&Attestation> = attestations.iter().collect();
         let ordered = self.match_model_shards(&model.record, &refs)?;
         let mut shards = Vec::with_capacity(ordered.len());
         let mut longest = 0u64;
-        for shard in ordered {
-            let attestation = attestations
-                .iter()
-                .find(|a| std::ptr::eq(&a.record, shard.record))
-                .ok_or(VramError::Backend {
-                    reason: "a gathered attestation went missing".to_owned(),
-                })?;
+        for attestation in ordered {
             longest = longest.max(attestation.verify_elapsed_ns);
             shards.push(AttestedShard {
                 record: attestation.record.clone(),
@@ -1444,8 +1415,6 @@ fn nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Places `shards` by index: every index `0..total` exactly once, or the error that names the
-/// first index out of range, given twice, or missing.
 /// A shard's seal record and tag: a [`SealedShard`] held here, or one gathered from another process
 /// of this worker ([`VramManager::seal_model_records`], [`VramManager::attest_model_gathered`]).
 trait SealedParts {
@@ -1463,20 +1432,27 @@ impl SealedParts for SealedShard {
 }
 
 /// A seal record and tag gathered from another process.
-struct Gathered<'a> {
-    record: &'a SealRecord,
-    tag: &'a Tag,
-}
-
-impl SealedParts for Gathered<'_> {
+impl SealedParts for (SealRecord, Tag) {
     fn record(&self) -> &SealRecord {
-        self.record
+        &self.0
     }
     fn tag(&self) -> &Tag {
-        self.tag
+        &self.1
     }
 }
 
+/// A shard's fresh attestation gathered from another process carries its seal record and tag.
+impl SealedParts for Attestation {
+    fn record(&self) -> &SealRecord {
+        &self.record
+    }
+    fn tag(&self) -> &Tag {
+        &self.seal_tag
+    }
+}
+
+/// Places `shards` by index: every index `0..total` exactly once, or the error that names the
+/// first index out of range, given twice, or missing.
 fn slot_shards<'a, T: SealedParts>(
     model_ref: &str,
     total: u32,
