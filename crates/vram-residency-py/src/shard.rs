@@ -464,11 +464,7 @@ impl ModelSeal {
     /// Total bytes of all shards.
     #[getter]
     fn nbytes(&self) -> u64 {
-        self.sealed
-            .record
-            .shards
-            .iter()
-            .fold(0u64, |sum, s| sum.saturating_add(s.vram_bytes))
+        self.sealed.record.total_bytes()
     }
 
     /// Per shard, in index order: `shard_index`, `shard_id`, `digest`, `nbytes`, `gpu`.

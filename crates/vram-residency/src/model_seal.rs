@@ -146,6 +146,14 @@ impl ModelSealRecord {
             })
     }
 
+    /// Bytes of all shards together (saturating).
+    #[must_use]
+    pub fn total_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |sum, shard| sum.saturating_add(shard.vram_bytes))
+    }
+
     /// The canonical encoding (see the module docs).
     ///
     /// # Errors

@@ -416,7 +416,7 @@ fn model_view(entry: &ModelEntry) -> Value {
         "total_shards": record.shards.len(),
         "backend": record.backend,
         "sealed_at_ns": record.sealed_at_ns,
-        "total_bytes": record.shards.iter().map(|s| s.vram_bytes).fold(0u64, u64::saturating_add),
+        "total_bytes": record.total_bytes(),
         "shards": record.shards.iter().map(|shard| json!({
             "shard_index": shard.shard_index,
             "shard_id": shard.shard_id,
