@@ -114,6 +114,19 @@ def _own_shards(sealed: Sealed) -> list[Shard]:
     return list(sealed.shards) if isinstance(sealed, Model) else [sealed]
 
 
+def _gather_to(dst: int, group: Any, mine: list[Any]) -> list[Any] | None:
+    """Every rank's list gathered to ``dst`` and flattened in rank order; ``None`` on other ranks."""
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = None
+    if dist.get_rank(group) == dst:
+        gathered = [None] * dist.get_world_size(group)
+    dist.gather_object(mine, gathered, dst=dst, group=group)
+    if gathered is None:
+        return None
+    return [item for part in gathered for item in part]
+
+
 def seal_model_across_ranks(
     worker: Worker, sealed: Sealed, *, group: Any = None, dst: int = 0
 ) -> ModelSeal | None:
@@ -126,16 +139,10 @@ def seal_model_across_ranks(
     :class:`~vram_residency.ModelSeal`; the other ranks return ``None``. Collective: every rank of
     the group must call it. The ranks' workers must share the worker token.
     """
-    import torch.distributed as dist
-
-    mine = [shard.seal() for shard in _own_shards(sealed)]
-    rank = dist.get_rank(group) if group is not None else dist.get_rank()
-    size = dist.get_world_size(group)
-    gathered: list[Any] | None = [None] * size if rank == dst else None
-    dist.gather_object(mine, gathered, dst=dst, group=group)
-    if gathered is None:
+    seals = _gather_to(dst, group, [shard.seal() for shard in _own_shards(sealed)])
+    if seals is None:
         return None
-    return worker.seal_model_records([seal for part in gathered for seal in part])
+    return worker.seal_model_records(seals)
 
 
 def attest_model_across_ranks(
@@ -158,18 +165,14 @@ def attest_model_across_ranks(
     """
     import torch.distributed as dist
 
-    rank = dist.get_rank(group) if group is not None else dist.get_rank()
-    box = [nonce if rank == dst else None]
+    box = [nonce if dist.get_rank(group) == dst else None]
     dist.broadcast_object_list(box, src=dst, group=group)
     shared = box[0]
     if not isinstance(shared, bytes):
         raise ValueError("attest_model_across_ranks: give the nonce (bytes) on the destination rank")
-    mine = [shard.attest(shared) for shard in _own_shards(sealed)]
-    size = dist.get_world_size(group)
-    gathered: list[Any] | None = [None] * size if rank == dst else None
-    dist.gather_object(mine, gathered, dst=dst, group=group)
-    if gathered is None:
+    envelopes = _gather_to(dst, group, [shard.attest(shared) for shard in _own_shards(sealed)])
+    if envelopes is None:
         return None
     if model is None:
         raise ValueError("attest_model_across_ranks: give the ModelSeal on the destination rank")
-    return worker.attest_model_gathered(model, [env for part in gathered for env in part], shared)
+    return worker.attest_model_gathered(model, envelopes, shared)
