@@ -402,6 +402,10 @@ def test_background_verification_passes_and_a_corruption_stops_the_worker(sim_wo
     shard = sim_worker.seal_file(path)
     with pytest.raises(TypeError):
         sim_worker.verify_in_background("not a shard")
+    with pytest.raises(ValueError, match="auto, green, mps, bounded"):
+        sim_worker.verify_in_background(shard, mechanism="mig")
+    with pytest.raises(ValueError, match="max_gbps"):
+        sim_worker.verify_in_background(shard, max_gbps=0.0)
     background = sim_worker.verify_in_background(shard, sms=8)
     deadline = time.monotonic() + 20
     while background.stats()["passes"] < 2 and time.monotonic() < deadline:
@@ -424,3 +428,21 @@ def test_background_verification_passes_and_a_corruption_stops_the_worker(sim_wo
     with pytest.raises(vr.WorkerStoppedError):
         shard.verify()
     byte.value ^= 1
+
+def test_background_verification_keeps_to_its_rate_cap(sim_worker, tmp_path):
+    # A 4 MiB shard at most 16 MB/s: each digest (milliseconds on the sim) is followed by about
+    # 0.26 s idle, so the bytes over the wall time stay below the cap (all but the last digest had
+    # their full wait).
+    path = tmp_path / "m.safetensors"
+    save_file({"w": np.ones(1 << 20, dtype=np.float32)}, str(path))
+    shard = sim_worker.seal_file(path)
+    started = time.monotonic()
+    background = sim_worker.verify_in_background(shard, sms=8, mechanism="bounded", max_gbps=0.016)
+    deadline = started + 20
+    while background.stats()["verifications"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = background.stop()
+    wall = time.monotonic() - started
+    assert stats["verifications"] >= 3, stats
+    assert wall >= (stats["bytes"] - shard.nbytes) / 16e6, (wall, stats)
+    assert stats["idle_seconds"] > 0.2, stats

@@ -141,7 +141,13 @@ class Worker:
         progress: bool | None = None,
     ) -> Shard: ...
     def verify_in_background(
-        self, sealed: Shard | Model, *, sms: int = 8, pause: float = 0.0
+        self,
+        sealed: Shard | Model,
+        *,
+        sms: int = 8,
+        pause: float = 0.0,
+        mechanism: str = "auto",
+        max_gbps: float | None = None,
     ) -> BackgroundVerification: ...
     def seal_model_records(self, seals: list[tuple[bytes, bytes]]) -> ModelSeal: ...
     def attest_model_gathered(self, model: ModelSeal, envelopes: list[str], nonce: bytes) -> str: ...

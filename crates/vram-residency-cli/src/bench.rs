@@ -195,12 +195,17 @@ fn interference_run(cuda: &CudaBackend, args: &BenchArgs) -> anyhow::Result<serd
     let resident = resident_buffers(hasher, args.resident)?;
     let victim = Victim::new(hasher, args.victim)?;
     eprintln!(
-        "bench: interference: victim GEMV over {} ({} blocks per step), {} resident, budgets {:?} SMs, {} s each",
+        "bench: interference: victim GEMV over {} ({} blocks per step), {} resident, budgets [{}], {} s each; MPS client: {}",
         human(victim.weight_bytes()),
         victim.blocks(),
         human(args.resident),
-        args.interference_sms,
-        args.interference_seconds
+        args.interference_sms
+            .iter()
+            .map(vram_residency_cuda::interference::Plan::label)
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.interference_seconds,
+        hasher.mps_client()?
     );
     let run = interference(
         hasher,
@@ -214,9 +219,8 @@ fn interference_run(cuda: &CudaBackend, args: &BenchArgs) -> anyhow::Result<serd
         .iter()
         .map(|s| {
             let (mechanism, sms) = match s.confinement {
-                Some(Confinement::GreenContext { sms }) => ("green_context", Some(sms)),
-                Some(Confinement::BoundedGrid { sms }) => ("bounded_grid", Some(sms)),
                 Some(Confinement::Unconfined) | None => ("whole_gpu", None),
+                Some(confinement) => (confinement.name(), confinement.sms()),
             };
             eprintln!(
                 "bench: interference: {:>36}: victim {:.3} ms/step ({:+.1} %), verified {:.1} GB/s, full pass {:.2} s",
@@ -224,6 +228,8 @@ fn interference_run(cuda: &CudaBackend, args: &BenchArgs) -> anyhow::Result<serd
             );
             serde_json::json!({
                 "budget": s.budget,
+                "mechanism_asked": s.plan.map(|p| p.budget.mechanism),
+                "max_gb_per_s": s.plan.and_then(|p| p.max_gb_per_s),
                 "mechanism": mechanism,
                 "sms_granted": sms,
                 "victim_step_ms": round(s.victim_step_ms),
@@ -243,7 +249,8 @@ fn interference_run(cuda: &CudaBackend, args: &BenchArgs) -> anyhow::Result<serd
             "step_ms_alone_after": round(run.alone_after_ms),
         },
         "resident_bytes": run.resident_bytes,
-        "green_context_refusal": hasher.green_context_refusal(),
+        "mps_client": hasher.mps_client()?,
+        "lane_refusals": hasher.lane_refusals(),
         "scenarios": rows,
     }))
 }

@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use vram_residency::format::FormatChoice;
 use vram_residency::keys::TOKEN_ENV;
 use vram_residency::{
-    BackendKind, Digest, ManagerConfig, NoAuditSink, SealOptions, ShardId, VramError, VramManager,
-    WorkerToken, digest,
+    BackendKind, Digest, LaneMechanism, ManagerConfig, NoAuditSink, SealOptions, ShardId, SmBudget,
+    VramError, VramManager, WorkerToken, digest,
 };
 
 use crate::backends::{self, SimSettings};
@@ -227,9 +227,11 @@ pub struct BenchArgs {
     /// --interference-sms budget, and beside foreground verification back to back (cuda only).
     #[arg(long)]
     pub interference: bool,
-    /// SM budgets of the interference run.
-    #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
-    pub interference_sms: Vec<u32>,
+    /// Budgets of the interference run, each `SMS[:MECHANISM][@GBPS]`: SMs, optionally how they
+    /// are held (auto, green, mps, bounded; default auto) and a rate cap in GB/s. Example:
+    /// `8,16,16@60,8:bounded`.
+    #[arg(long, value_delimiter = ',', default_value = "8,16,32", value_parser = parse_plan)]
+    pub interference_sms: Vec<vram_residency_cuda::interference::Plan>,
     /// Resident bytes the background verification re-hashes round-robin (in 16 GiB buffers).
     #[arg(long, default_value = "64GiB", value_parser = parse_bytes)]
     pub resident: u64,
@@ -282,6 +284,41 @@ fn parse_shard_id(s: &str) -> Result<ShardId, String> {
 fn parse_digest(s: &str) -> Result<Digest, String> {
     s.parse()
         .map_err(|e: vram_residency::ids::InvalidDigest| e.to_string())
+}
+
+/// Parses an interference budget `SMS[:MECHANISM][@GBPS]` (e.g. `16`, `8:bounded`, `16@60`).
+pub fn parse_plan(s: &str) -> Result<vram_residency_cuda::interference::Plan, String> {
+    let s = s.trim();
+    let (budget, rate) = match s.split_once('@') {
+        Some((budget, rate)) => {
+            let rate: f64 = rate
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?}: the rate after @ is not a number of GB/s"))?;
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(format!("{s:?}: the rate after @ must be above zero"));
+            }
+            (budget, Some(rate))
+        }
+        None => (s, None),
+    };
+    let (sms, mechanism) = match budget.split_once(':') {
+        Some((sms, mechanism)) => (
+            sms,
+            mechanism
+                .parse::<LaneMechanism>()
+                .map_err(|e| format!("{s:?}: {e}"))?,
+        ),
+        None => (budget, LaneMechanism::Auto),
+    };
+    let sms: u32 =
+        sms.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+            format!("{s:?}: expected SMS[:MECHANISM][@GBPS], SMS a count above zero")
+        })?;
+    Ok(vram_residency_cuda::interference::Plan {
+        budget: SmBudget::with(sms, mechanism),
+        max_gb_per_s: rate,
+    })
 }
 
 /// Parses a byte count: a plain number, or a number with B, KB/MB/GB/TB (powers of 1000) or
@@ -505,8 +542,28 @@ fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::parse_bytes;
+    use super::{parse_bytes, parse_plan};
+    use vram_residency::{LaneMechanism, SmBudget};
+
+    #[test]
+    fn interference_budgets_parse_sms_mechanism_and_rate_and_reject_garbage() {
+        let plan = parse_plan("16").unwrap();
+        assert_eq!(plan.budget, SmBudget::sms(16));
+        assert_eq!(plan.max_gb_per_s, None);
+        let plan = parse_plan("8:bounded@55.5").unwrap();
+        assert_eq!(plan.budget, SmBudget::with(8, LaneMechanism::BoundedGrid));
+        assert_eq!(plan.max_gb_per_s, Some(55.5));
+        assert_eq!(plan.label(), "8 SMs (bounded) at most 55.5 GB/s");
+        assert_eq!(
+            parse_plan("24:mps").unwrap().budget,
+            SmBudget::with(24, LaneMechanism::Mps)
+        );
+        for bad in ["", "0", "x", "8:mig", "8@", "8@-1", "8@inf", "8:green@fast"] {
+            assert!(parse_plan(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn byte_counts_parse_with_units_and_reject_garbage() {

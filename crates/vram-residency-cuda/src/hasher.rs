@@ -25,9 +25,9 @@ pub struct Hasher {
     kernels: Mutex<Option<(Arc<str>, HashKernels)>>,
     pool: Mutex<Vec<Workspace>>,
     /// Confined lanes by SM budget, made on first use; each used by one verification at a time.
-    lanes: Mutex<HashMap<u32, Arc<Mutex<Lane>>>>,
-    /// Why green contexts could not be used, once a lane fell back.
-    green_refused: Mutex<Option<String>>,
+    lanes: Mutex<HashMap<SmBudget, Arc<Mutex<Lane>>>>,
+    /// Why the mechanisms before the one in use were refused, once an `Auto` lane fell back.
+    refusals: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Hasher {
@@ -47,7 +47,7 @@ impl Hasher {
             kernels: Mutex::new(None),
             pool: Mutex::new(Vec::new()),
             lanes: Mutex::new(HashMap::new()),
-            green_refused: Mutex::new(None),
+            refusals: Mutex::new(Vec::new()),
         }
     }
 
@@ -125,7 +125,7 @@ impl Hasher {
         buffer: &VramBuffer,
         budget: SmBudget,
     ) -> Result<(TreeDigest, Confinement)> {
-        let lane = self.lane(budget.sms.max(1))?;
+        let lane = self.lane(budget)?;
         let lane = lane.lock().unwrap_or_else(PoisonError::into_inner);
         self.device.bind()?;
         let workspace = self.take_workspace(buffer.len())?;
@@ -138,33 +138,51 @@ impl Hasher {
         Ok((measured?, lane.confinement()))
     }
 
-    /// Why green contexts are not in use, when a lane fell back to a bounded grid.
+    /// Why mechanisms were passed over when an `Auto` lane fell back (e.g. "green context: ..."),
+    /// `None` when none was.
     #[must_use]
-    pub fn green_context_refusal(&self) -> Option<String> {
-        self.green_refused
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    pub fn lane_refusals(&self) -> Option<String> {
+        let refusals = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        (!refusals.is_empty()).then(|| refusals.join("; "))
     }
 
-    fn lane(&self, sms: u32) -> Result<Arc<Mutex<Lane>>> {
+    /// Whether this process is a client of a running MPS daemon on this device (so that
+    /// [`LaneMechanism::Mps`](vram_residency::LaneMechanism::Mps) lanes can be made, and kernels of
+    /// other processes run beside ours instead of time-slicing with them).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn mps_client(&self) -> Result<bool> {
+        self.device.bind()?;
+        crate::lane::mps_client(self.device.ctx.cu_device())
+    }
+
+    fn lane(&self, budget: SmBudget) -> Result<Arc<Mutex<Lane>>> {
+        let budget = SmBudget {
+            sms: budget.sms.max(1),
+            ..budget
+        };
         let (ptx, _) = self.kernels()?;
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(lane) = lanes.get(&sms) {
+        if let Some(lane) = lanes.get(&budget) {
             return Ok(Arc::clone(lane));
         }
-        let mut refused = None;
-        let lane = Lane::new(&self.device.ctx, &ptx, sms, &mut refused)?;
+        let mut refusals = Vec::new();
+        let made = Lane::new(&self.device.ctx, &ptx, budget, &mut refusals);
         self.device.bind()?;
-        if let Some(reason) = refused {
-            tracing::warn!(%reason, sms, "green contexts unavailable; background verification uses a bounded grid");
-            *self
-                .green_refused
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+        let lane = made?;
+        if !refusals.is_empty() {
+            let reason = refusals.join("; ");
+            tracing::warn!(%reason, sms = budget.sms, confinement = ?lane.confinement(), "background verification fell back");
+            let mut kept = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+            for refusal in refusals {
+                if !kept.contains(&refusal) {
+                    kept.push(refusal);
+                }
+            }
         }
         let lane = Arc::new(Mutex::new(lane));
-        lanes.insert(sms, Arc::clone(&lane));
+        lanes.insert(budget, Arc::clone(&lane));
         Ok(lane)
     }
 

@@ -6,11 +6,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
-use vram_residency::backend::{Confinement, SmBudget};
+use vram_residency::backend::{Confinement, LaneMechanism, SmBudget};
 
 use crate::error::{CudaError, Result};
 use crate::hasher::Hasher;
@@ -149,18 +149,47 @@ pub fn resident_buffers(hasher: &Hasher, bytes: u64) -> Result<Vec<VramBuffer>> 
     Ok(buffers)
 }
 
+/// A background budget to measure: SMs and mechanism, and optionally a rate cap (the verifier
+/// idles after each digest as long as the cap needs, as [`vram_residency::BackgroundVerifier`]
+/// does).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    /// SMs and how they are held.
+    pub budget: SmBudget,
+    /// The most GB/s (10^9 bytes) re-verified per second of wall time.
+    pub max_gb_per_s: Option<f64>,
+}
+
+impl Plan {
+    /// `"16 SMs"`, `"16 SMs (bounded) at most 60 GB/s"`.
+    #[must_use]
+    pub fn label(&self) -> String {
+        let mut label = format!("{} SMs", self.budget.sms);
+        if self.budget.mechanism != LaneMechanism::Auto {
+            label.push_str(&format!(" ({})", self.budget.mechanism));
+        }
+        if let Some(rate) = self.max_gb_per_s {
+            label.push_str(&format!(" at most {rate} GB/s"));
+        }
+        label
+    }
+}
+
 /// One scenario of the interference run.
 #[derive(Debug, Clone)]
 pub struct Scenario {
-    /// `"N SMs"` or `"foreground (whole GPU, back to back)"`.
+    /// [`Plan::label`], or `"foreground (whole GPU, back to back)"`.
     pub budget: String,
+    /// The plan (`None` for the foreground scenario).
+    pub plan: Option<Plan>,
     /// How the verifications were confined (`None` for the foreground scenario).
     pub confinement: Option<Confinement>,
     /// Mean victim step beside the verification, in ms.
     pub victim_step_ms: f64,
     /// Versus the victim alone, in percent.
     pub victim_slowdown_pct: f64,
-    /// Bytes re-verified per second of the scenario, GB/s.
+    /// Bytes re-verified per second of the scenario (from its start to the end of its last
+    /// digest), GB/s.
     pub verified_gb_per_s: f64,
     /// Seconds for one pass over all resident bytes at that rate.
     pub full_pass_seconds: f64,
@@ -181,10 +210,14 @@ pub struct InterferenceRun {
     pub scenarios: Vec<Scenario>,
 }
 
-/// Runs the victim alone and beside verification of `resident` under each budget (and on the whole
-/// GPU, back to back), each for about `seconds`. The victim's step beside verification is the mean
-/// over every step of the scenario; its baseline the best of five batches alone (so the slowdown
-/// errs high).
+/// Runs the victim alone and beside verification of `resident` under each plan (and on the whole
+/// GPU, back to back), each for about `seconds`.
+///
+/// The verifier starts no digest after `seconds`, and the victim keeps running until the last one
+/// ends, so both run side by side for the whole scenario: the rate is the bytes of every digest
+/// over the time to the end of the last, and the victim's step the mean over its batches that
+/// ended before that (the one batch that straddles the end ran partly alone and is left out). The
+/// baseline is the best of five batches alone, so the slowdown errs high.
 ///
 /// # Errors
 /// Driver errors.
@@ -192,7 +225,7 @@ pub fn interference(
     hasher: &Hasher,
     victim: &Victim,
     resident: &[VramBuffer],
-    budgets: &[u32],
+    plans: &[Plan],
     seconds: f64,
 ) -> Result<InterferenceRun> {
     const BATCH: u32 = 50;
@@ -207,62 +240,47 @@ pub fn interference(
     };
     let alone_before = alone(victim)?;
     let mut scenarios = Vec::new();
-    let plans: Vec<Option<u32>> = budgets.iter().copied().map(Some).chain([None]).collect();
-    for plan in plans {
-        let stop = AtomicBool::new(false);
-        let (steps, step_time, bytes, digests, confinement, elapsed) =
+    let all: Vec<Option<Plan>> = plans.iter().copied().map(Some).chain([None]).collect();
+    for plan in all {
+        let done = AtomicBool::new(false);
+        let (step_time, bytes, digests, confinement, elapsed) =
             std::thread::scope(|scope| -> Result<_> {
-                let worker = scope.spawn(|| -> Result<(u64, u64, Option<Confinement>)> {
-                    let (mut bytes, mut digests, mut confinement) = (0u64, 0u64, None);
-                    'outer: loop {
-                        for buffer in resident {
-                            if stop.load(Ordering::Acquire) {
-                                break 'outer;
-                            }
-                            match plan {
-                                Some(sms) => {
-                                    let (_, how) =
-                                        hasher.measure_within(buffer, SmBudget { sms })?;
-                                    confinement = Some(how);
-                                }
-                                None => {
-                                    hasher.measure(buffer)?;
-                                }
-                            }
-                            bytes = bytes.saturating_add(buffer.len());
-                            digests = digests.saturating_add(1);
-                        }
-                    }
-                    Ok((bytes, digests, confinement))
-                });
                 let started = Instant::now();
+                let done = &done;
+                let worker = scope.spawn(move || {
+                    let outcome = verify_until(hasher, resident, plan, started, seconds);
+                    let ended = started.elapsed().as_secs_f64();
+                    done.store(true, Ordering::Release);
+                    outcome
+                        .map(|(bytes, digests, confinement)| (bytes, digests, confinement, ended))
+                });
                 let mut steps = 0u32;
                 let mut total = 0.0f64;
-                while started.elapsed().as_secs_f64() < seconds {
-                    total += victim.run(BATCH)? * f64::from(BATCH);
-                    steps = steps.saturating_add(BATCH);
+                while !done.load(Ordering::Acquire) {
+                    let step = victim.run(BATCH)?;
+                    if !done.load(Ordering::Acquire) {
+                        total += step * f64::from(BATCH);
+                        steps = steps.saturating_add(BATCH);
+                    }
                 }
-                stop.store(true, Ordering::Release);
-                let elapsed = started.elapsed().as_secs_f64();
-                let (bytes, digests, confinement) = worker
+                let (bytes, digests, confinement, ended) = worker
                     .join()
                     .map_err(|_| CudaError::Internal("interference thread panicked"))??;
-                Ok((
-                    steps,
-                    total / f64::from(steps.max(1)),
-                    bytes,
-                    digests,
-                    confinement,
-                    elapsed,
-                ))
+                if steps == 0 {
+                    // A digest ended before the victim's first batch did: measure one batch more
+                    // rather than report nothing (only with a tiny --interference-seconds).
+                    total = victim.run(BATCH)? * f64::from(BATCH);
+                    steps = BATCH;
+                }
+                Ok((total / f64::from(steps), bytes, digests, confinement, ended))
             })?;
-        let _ = steps;
-        let rate = bytes as f64 / elapsed;
+        let rate = bytes as f64 / elapsed.max(f64::MIN_POSITIVE);
         scenarios.push(Scenario {
             budget: plan.map_or_else(
                 || "foreground (whole GPU, back to back)".to_owned(),
-                |sms| format!("{sms} SMs"),
+                |plan| plan.label(),
             ),
+            plan,
             confinement,
             victim_step_ms: step_time * 1e3,
             victim_slowdown_pct: (step_time / alone_before - 1.0) * 100.0,
@@ -282,4 +300,45 @@ pub fn interference(
         resident_bytes,
         scenarios,
     })
+}
+
+/// The verifier's side of one scenario: digests of `resident` round-robin (confined and paced by
+/// `plan`, or on the whole GPU back to back), starting none after `seconds` from `started`.
+/// Returns the bytes and digests done and how they were confined.
+fn verify_until(
+    hasher: &Hasher,
+    resident: &[VramBuffer],
+    plan: Option<Plan>,
+    started: Instant,
+    seconds: f64,
+) -> Result<(u64, u64, Option<Confinement>)> {
+    let (mut bytes, mut digests, mut confinement) = (0u64, 0u64, None);
+    loop {
+        for buffer in resident {
+            if started.elapsed().as_secs_f64() >= seconds {
+                return Ok((bytes, digests, confinement));
+            }
+            let digest_started = Instant::now();
+            match plan {
+                Some(plan) => {
+                    let (_, how) = hasher.measure_within(buffer, plan.budget)?;
+                    confinement = Some(how);
+                }
+                None => {
+                    hasher.measure(buffer)?;
+                }
+            }
+            bytes = bytes.saturating_add(buffer.len());
+            digests = digests.saturating_add(1);
+            if let Some(rate) = plan.and_then(|plan| plan.max_gb_per_s) {
+                // Idle until this digest's bytes fit the cap, as the background verifier does
+                // (the scenario's time includes the last wait, so its rate stays within the cap).
+                let due = buffer.len() as f64 / (rate * 1e9);
+                let wait = due - digest_started.elapsed().as_secs_f64();
+                if let Ok(wait) = Duration::try_from_secs_f64(wait) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
 }

@@ -1,13 +1,18 @@
 //! A confined hashing lane for background verification: the hashing kernel on a limited share of
 //! the GPU, so that a model serving beside it barely notices.
 //!
-//! Two mechanisms, the first that works:
+//! Three mechanisms; [`LaneMechanism::Auto`] takes the first that works, in this order:
 //!
 //! - **Green context** (driver ≥ CUDA 12.4): `cuDevSmResourceSplitByCount` carves `N` SMs out of
 //!   the device, `cuGreenCtxCreate` makes a context limited to them, and the kernel (loaded into
 //!   that context) runs on a `cuGreenCtxStreamCreate` stream at the lowest priority. The hardware
 //!   keeps it on those SMs, whatever the grid size. Device memory is shared with the primary
 //!   context (the shards live there).
+//! - **MPS context** (only where this process is a client of a running MPS daemon, driver ≥ CUDA
+//!   12.5): `cuCtxCreate_v4` with an SM-count execution affinity of `N`, the kernel on a
+//!   lowest-priority stream there. MPS holds the context to that many SMs and, unlike a green
+//!   context alone, runs its kernels *beside* other processes' kernels instead of time-slicing the
+//!   GPU with them. (Green contexts keep working under MPS too; the lane's self-test decides.)
 //! - **Bounded grid** (fallback): the kernel on a lowest-priority stream of the primary context,
 //!   its grid capped at `N × 3` blocks (3 resident blocks per SM at 70 registers), so at most `N`
 //!   SMs' worth of blocks are ever resident. The block scheduler may still spread them over more
@@ -20,7 +25,7 @@ use std::ffi::{CString, c_uint, c_void};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, sys};
-use vram_residency::backend::Confinement;
+use vram_residency::backend::{Confinement, LaneMechanism, SmBudget};
 
 use crate::error::{CudaError, Result};
 use crate::kernels::{ENTRIES, THREADS_PER_BLOCK};
@@ -32,6 +37,8 @@ const BLOCKS_PER_SM: u32 = 3;
 
 /// First driver version with green contexts (12.4).
 const GREEN_CONTEXT_DRIVER: i32 = 12040;
+/// First driver version with `cuCtxCreate_v4` (12.5).
+const CTX_CREATE_V4_DRIVER: i32 = 12050;
 
 fn check(call: &'static str, result: sys::CUresult) -> Result<()> {
     result.result().map_err(CudaError::driver(call))
@@ -43,6 +50,8 @@ pub struct Lane {
     /// Kept alive: the lane runs in its primary context (bounded grid) or beside it (green).
     primary: Arc<CudaContext>,
     green: Option<sys::CUgreenCtx>,
+    /// A context of our own (the MPS lane), destroyed in Drop.
+    owned: Option<sys::CUcontext>,
     ctx: sys::CUcontext,
     stream: sys::CUstream,
     module: sys::CUmodule,
@@ -67,22 +76,35 @@ impl std::fmt::Debug for Lane {
 }
 
 impl Lane {
-    /// A lane of `sms` SMs on `primary`'s device, with `ptx` (the hashing kernel) loaded into it:
-    /// a green context where the driver has them and the split succeeds, else a bounded grid.
-    /// `green_refused` receives why a green context could not be made.
+    /// A lane of `budget.sms` SMs on `primary`'s device, with `ptx` (the hashing kernel) loaded
+    /// into it, by `budget.mechanism`; for [`LaneMechanism::Auto`] the first that works (green
+    /// context, MPS context where MPS runs, bounded grid), with why each one before it was
+    /// refused pushed to `refusals`.
     ///
     /// # Errors
-    /// Driver errors of the fallback itself.
+    /// Why the mechanism asked for cannot be used; for `Auto`, driver errors of the bounded grid.
     pub(crate) fn new(
         primary: &Arc<CudaContext>,
         ptx: &str,
-        sms: u32,
-        green_refused: &mut Option<String>,
+        budget: SmBudget,
+        refusals: &mut Vec<String>,
     ) -> Result<Self> {
-        match Self::green(primary, ptx, sms) {
-            Ok(lane) => Ok(lane),
-            Err(error) => {
-                *green_refused = Some(error.to_string());
+        let sms = budget.sms.max(1);
+        match budget.mechanism {
+            LaneMechanism::GreenContext => Self::green(primary, ptx, sms),
+            LaneMechanism::Mps => Self::mps(primary, ptx, sms),
+            LaneMechanism::BoundedGrid => Self::bounded(primary, ptx, sms),
+            LaneMechanism::Auto => {
+                match Self::green(primary, ptx, sms) {
+                    Ok(lane) => return Ok(lane),
+                    Err(error) => refusals.push(format!("green context: {error}")),
+                }
+                if mps_client(primary.cu_device()).unwrap_or(false) {
+                    match Self::mps(primary, ptx, sms) {
+                        Ok(lane) => return Ok(lane),
+                        Err(error) => refusals.push(format!("MPS context: {error}")),
+                    }
+                }
                 Self::bounded(primary, ptx, sms)
             }
         }
@@ -95,11 +117,7 @@ impl Lane {
     }
 
     fn green(primary: &Arc<CudaContext>, ptx: &str, sms: u32) -> Result<Self> {
-        let mut version = 0i32;
-        // SAFETY: writes one int.
-        check("cuDriverGetVersion", unsafe {
-            sys::cuDriverGetVersion(&raw mut version)
-        })?;
+        let version = driver_version()?;
         if version < GREEN_CONTEXT_DRIVER {
             return Err(CudaError::Unsupported(format!(
                 "green contexts need a CUDA 12.4 driver; this one is {}.{}",
@@ -181,6 +199,7 @@ impl Lane {
             Ok(Self {
                 primary: Arc::clone(primary),
                 green: Some(green),
+                owned: None,
                 ctx,
                 stream,
                 module,
@@ -198,26 +217,109 @@ impl Lane {
         Ok(lane)
     }
 
+    fn mps(primary: &Arc<CudaContext>, ptx: &str, sms: u32) -> Result<Self> {
+        let version = driver_version()?;
+        if version < CTX_CREATE_V4_DRIVER {
+            return Err(CudaError::Unsupported(format!(
+                "an MPS context needs a CUDA 12.5 driver; this one is {}.{}",
+                version / 1000,
+                version % 1000 / 10
+            )));
+        }
+        let device = primary.cu_device();
+        if !mps_client(device)? {
+            return Err(CudaError::Unsupported(
+                "this process is not a client of a running MPS daemon (start one with \
+                 `nvidia-cuda-mps-control -d`, as the GPU's user, before this process)"
+                    .to_owned(),
+            ));
+        }
+        // SAFETY: a zeroed C struct is a valid value; the fields are set below.
+        let mut affinity: sys::CUexecAffinityParam = unsafe { std::mem::zeroed() };
+        affinity.type_ = sys::CUexecAffinityType::CU_EXEC_AFFINITY_TYPE_SM_COUNT;
+        affinity.param.smCount.val = sms;
+        let mut params = sys::CUctxCreateParams {
+            execAffinityParams: &raw mut affinity,
+            numExecAffinityParams: 1,
+            cigParams: std::ptr::null_mut(),
+        };
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: `params` points at one affinity parameter, both alive for the call; `device` is
+        // valid. The new context is destroyed in Drop (or below on failure).
+        check("cuCtxCreate_v4", unsafe {
+            sys::cuCtxCreate_v4(&raw mut ctx, &raw mut params, 0, device)
+        })?;
+        let made = (|| -> Result<Self> {
+            // cuCtxCreate pushed the new context on this thread's stack; take it off again.
+            let mut popped: sys::CUcontext = std::ptr::null_mut();
+            // SAFETY: the stack holds the context just created.
+            check("cuCtxPopCurrent", unsafe {
+                sys::cuCtxPopCurrent_v2(&raw mut popped)
+            })?;
+            // SAFETY: `ctx` was created above.
+            check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+            // SAFETY: a zeroed C struct is a valid out-parameter.
+            let mut granted: sys::CUexecAffinityParam = unsafe { std::mem::zeroed() };
+            // SAFETY: `ctx` is current; writes one struct.
+            check("cuCtxGetExecAffinity", unsafe {
+                sys::cuCtxGetExecAffinity(
+                    &raw mut granted,
+                    sys::CUexecAffinityType::CU_EXEC_AFFINITY_TYPE_SM_COUNT,
+                )
+            })?;
+            // SAFETY: the union's `smCount` member is the one an SM-count affinity holds.
+            let granted = unsafe { granted.param.smCount.val };
+            let (module, functions) = load_module(ctx, ptx)?;
+            let stream = match low_priority_stream() {
+                Ok(stream) => stream,
+                Err(error) => {
+                    // SAFETY: loaded above, unused after this.
+                    let _ = unsafe { sys::cuModuleUnload(module) };
+                    return Err(error);
+                }
+            };
+            Ok(Self {
+                primary: Arc::clone(primary),
+                green: None,
+                owned: Some(ctx),
+                ctx,
+                stream,
+                module,
+                functions,
+                grid_cap: None,
+                confinement: Confinement::MpsContext { sms: granted },
+            })
+        })();
+        let lane = match made {
+            Ok(lane) => lane,
+            Err(error) => {
+                // SAFETY: created above, nothing of it is used after this.
+                let _ = unsafe { sys::cuCtxDestroy_v2(ctx) };
+                // SAFETY: the primary context outlives this call (held by `primary`).
+                let _ = unsafe { sys::cuCtxSetCurrent(primary.cu_ctx()) };
+                return Err(error);
+            }
+        };
+        // On failure the lane's Drop destroys the context.
+        lane.self_test()?;
+        Ok(lane)
+    }
+
     fn bounded(primary: &Arc<CudaContext>, ptx: &str, sms: u32) -> Result<Self> {
         let ctx = primary.cu_ctx();
         let (module, functions) = load_module(ctx, ptx)?;
-        let mut stream: sys::CUstream = std::ptr::null_mut();
-        // SAFETY: the primary context is current (load_module made it so); destroyed in Drop.
-        let created = check("cuStreamCreateWithPriority", unsafe {
-            sys::cuStreamCreateWithPriority(
-                &raw mut stream,
-                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint,
-                lowest_priority(),
-            )
-        });
-        if let Err(error) = created {
-            // SAFETY: loaded above, unused after this.
-            let _ = unsafe { sys::cuModuleUnload(module) };
-            return Err(error);
-        }
+        let stream = match low_priority_stream() {
+            Ok(stream) => stream,
+            Err(error) => {
+                // SAFETY: loaded above, unused after this.
+                let _ = unsafe { sys::cuModuleUnload(module) };
+                return Err(error);
+            }
+        };
         Ok(Self {
             primary: Arc::clone(primary),
             green: None,
+            owned: None,
             ctx,
             stream,
             module,
@@ -228,7 +330,8 @@ impl Lane {
     }
 
     /// Hashes one known block on the lane (4096 zero bytes) and checks the result, so that a green
-    /// context that cannot reach the primary context's memory is found at once, not mid-sweep.
+    /// or MPS context that cannot reach the primary context's memory is found at once, not
+    /// mid-sweep.
     fn self_test(&self) -> Result<()> {
         const ZERO_BLOCK_SHA256: [u8; 32] = [
             0xad, 0x7f, 0xac, 0xb2, 0x58, 0x6f, 0xc6, 0xe9, 0x66, 0xc0, 0x04, 0xd7, 0xd1, 0xd1,
@@ -247,7 +350,7 @@ impl Lane {
             Ok(())
         } else {
             Err(CudaError::Unsupported(
-                "a kernel on the green context did not produce the expected hash".to_owned(),
+                "a kernel on the lane's context did not produce the expected hash".to_owned(),
             ))
         }
     }
@@ -336,6 +439,9 @@ impl Drop for Lane {
             if let Some(green) = self.green {
                 let _ = sys::cuGreenCtxDestroy(green);
             }
+            if let Some(owned) = self.owned {
+                let _ = sys::cuCtxDestroy_v2(owned);
+            }
             let _ = sys::cuCtxSetCurrent(self.primary.cu_ctx());
         }
     }
@@ -365,6 +471,48 @@ fn load_module(ctx: sys::CUcontext, ptx: &str) -> Result<(sys::CUmodule, [sys::C
         }
     }
     Ok((module, functions))
+}
+
+/// The driver's CUDA version, e.g. 13000.
+fn driver_version() -> Result<i32> {
+    let mut version = 0i32;
+    // SAFETY: writes one int.
+    check("cuDriverGetVersion", unsafe {
+        sys::cuDriverGetVersion(&raw mut version)
+    })?;
+    Ok(version)
+}
+
+/// Whether contexts with an SM-count execution affinity can be made on `device`: true when this
+/// process is a client of a running MPS daemon (Volta and later), false otherwise.
+///
+/// # Errors
+/// Driver errors.
+pub(crate) fn mps_client(device: sys::CUdevice) -> Result<bool> {
+    let mut supported = 0i32;
+    // SAFETY: writes one int; `device` is a valid device handle.
+    check("cuDeviceGetExecAffinitySupport", unsafe {
+        sys::cuDeviceGetExecAffinitySupport(
+            &raw mut supported,
+            sys::CUexecAffinityType::CU_EXEC_AFFINITY_TYPE_SM_COUNT,
+            device,
+        )
+    })?;
+    Ok(supported == 1)
+}
+
+/// A non-blocking stream at the lowest priority on the current context (destroyed by the lane).
+fn low_priority_stream() -> Result<sys::CUstream> {
+    let mut stream: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: the caller made the lane's context current; the stream is destroyed in Drop.
+    check("cuStreamCreateWithPriority", unsafe {
+        sys::cuStreamCreateWithPriority(
+            &raw mut stream,
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint,
+            lowest_priority(),
+        )
+    })?;
+    Ok(stream)
 }
 
 /// The lowest stream priority of the current context (the largest number), 0 when unknown.

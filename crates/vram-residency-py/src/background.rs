@@ -53,14 +53,9 @@ fn stats_dict<'py>(
     dict.set_item("busy_seconds", stats.busy_seconds)?;
     dict.set_item("gb_per_s", stats.gb_per_s())?;
     dict.set_item("last_pass_seconds", stats.last_pass_seconds)?;
-    let (mechanism, sms) = match stats.confinement {
-        Some(Confinement::GreenContext { sms }) => (Some("green_context"), Some(sms)),
-        Some(Confinement::BoundedGrid { sms }) => (Some("bounded_grid"), Some(sms)),
-        Some(Confinement::Unconfined) => (Some("unconfined"), None),
-        None => (None, None),
-    };
-    dict.set_item("mechanism", mechanism)?;
-    dict.set_item("sms", sms)?;
+    dict.set_item("idle_seconds", stats.idle_seconds)?;
+    dict.set_item("mechanism", stats.confinement.map(Confinement::name))?;
+    dict.set_item("sms", stats.confinement.and_then(Confinement::sms))?;
     dict.set_item("incident", stats.incident)?;
     dict.set_item("last_error", stats.last_error)?;
     Ok(dict)
@@ -68,9 +63,10 @@ fn stats_dict<'py>(
 
 #[pymethods]
 impl BackgroundVerification {
-    /// What it has done: `running`, `passes`, `verifications`, `bytes`, `gb_per_s`,
-    /// `last_pass_seconds`, `mechanism` (`green_context`, `bounded_grid`, `unconfined` on sim),
-    /// `sms`, `incident` (what stopped it and the worker), `last_error`.
+    /// What it has done: `running`, `passes`, `verifications`, `bytes`, `busy_seconds`,
+    /// `idle_seconds` (pauses and waits for the rate cap), `gb_per_s` (per busy second),
+    /// `last_pass_seconds`, `mechanism` (`green_context`, `mps_context`, `bounded_grid`,
+    /// `unconfined` on sim), `sms`, `incident` (what stopped it and the worker), `last_error`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         stats_dict(py, self.current())
     }

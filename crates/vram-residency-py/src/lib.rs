@@ -41,6 +41,17 @@ struct Worker {
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// `gbps` GB/s (10^9 bytes) as whole bytes per second: at least 1, below 2^64.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked first
+fn bytes_per_second(gbps: f64) -> PyResult<u64> {
+    let bytes = (gbps * 1e9).round();
+    if bytes.is_finite() && (1.0..1.8e19).contains(&bytes) {
+        Ok(bytes as u64)
+    } else {
+        Err(value_error("max_gbps must be a positive number of GB/s"))
+    }
+}
+
 fn value_error(message: impl Into<String>) -> PyErr {
     pyo3::exceptions::PyValueError::new_err(message.into())
 }
@@ -428,20 +439,28 @@ impl Worker {
     }
 
     /// Starts re-verifying `sealed` (a `Shard` or a `Model`) in VRAM continuously, round-robin,
-    /// each digest confined to `sms` SMs (cuda: a green context, or a bounded grid where green
-    /// contexts are missing; `stats()["mechanism"]` says which), pausing `pause` seconds after
-    /// each pass. A corruption found in the background stops the worker like any failed
-    /// verification (so a guarded model refuses to run). Watching never keeps a shard alive.
-    #[pyo3(signature = (sealed, *, sms=8, pause=0.0))]
+    /// each digest confined to `sms` SMs by `mechanism` (`"auto"`: a green context, else an MPS
+    /// context where this process is an MPS client, else a bounded grid; or `"green"`, `"mps"`,
+    /// `"bounded"` alone; `stats()["mechanism"]` says which), pausing `pause` seconds after each
+    /// pass, and re-hashing at most `max_gbps` GB/s (10^9 bytes) of wall time when given. A
+    /// corruption found in the background stops the worker like any failed verification (so a
+    /// guarded model refuses to run). Watching never keeps a shard alive.
+    #[pyo3(signature = (sealed, *, sms=8, pause=0.0, mechanism="auto", max_gbps=None))]
     fn verify_in_background(
         &self,
         sealed: &Bound<'_, PyAny>,
         sms: u32,
         pause: f64,
+        mechanism: &str,
+        max_gbps: Option<f64>,
     ) -> PyResult<background::BackgroundVerification> {
         let py = sealed.py();
         let pause = std::time::Duration::try_from_secs_f64(pause)
             .map_err(|_| value_error("pause must be a non-negative number of seconds"))?;
+        let mechanism: vram_residency::LaneMechanism = mechanism
+            .parse()
+            .map_err(|e: vram_residency::VramError| value_error(e.to_string()))?;
+        let max_bytes_per_second = max_gbps.map(bytes_per_second).transpose()?;
         let shards: Vec<Arc<vram_residency::SealedShard>> =
             if let Ok(shard) = sealed.cast::<Shard>() {
                 vec![shard.get().get()?]
@@ -454,8 +473,11 @@ impl Worker {
             };
         let verifier = vram_residency::BackgroundVerifier::start(
             Arc::clone(&self.manager),
-            vram_residency::SmBudget { sms },
-            pause,
+            vram_residency::BackgroundConfig {
+                budget: vram_residency::SmBudget::with(sms, mechanism),
+                pause,
+                max_bytes_per_second,
+            },
         )
         .map_err(|e| to_py(py, e))?;
         for shard in &shards {

@@ -294,12 +294,88 @@ pub trait DeviceBuffer: Send + Sync {
     fn read_prefix(&self, len: u64) -> Result<Vec<u8>>;
 }
 
-/// A limit on the GPU a background verification may use: `sms` streaming multiprocessors.
+/// A limit on the GPU a background verification may use: `sms` streaming multiprocessors, and
+/// how to hold the kernel to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SmBudget {
     /// Streaming multiprocessors (at least 1; the CUDA backend may round up to the device's
     /// partition granularity, e.g. 8 on Hopper).
     pub sms: u32,
+    /// How the CUDA backend confines the kernel ([`LaneMechanism::Auto`]: the first that works).
+    pub mechanism: LaneMechanism,
+}
+
+impl SmBudget {
+    /// `sms` SMs, confined by the first mechanism that works ([`LaneMechanism::Auto`]).
+    #[must_use]
+    pub const fn sms(sms: u32) -> Self {
+        Self {
+            sms,
+            mechanism: LaneMechanism::Auto,
+        }
+    }
+
+    /// `sms` SMs, confined by `mechanism` only (the digest fails when it is not available).
+    #[must_use]
+    pub const fn with(sms: u32, mechanism: LaneMechanism) -> Self {
+        Self { sms, mechanism }
+    }
+}
+
+/// Which mechanism confines a budgeted digest to its SMs (CUDA backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LaneMechanism {
+    /// The first that works: a green context, else (where the MPS daemon runs) an MPS context with
+    /// an SM-count execution affinity, else a bounded grid.
+    #[default]
+    Auto,
+    /// A green context only (driver ≥ CUDA 12.4).
+    GreenContext,
+    /// A context with an SM-count execution affinity only: needs the process to be a client of a
+    /// running MPS daemon (`nvidia-cuda-mps-control -d`) and a driver ≥ CUDA 12.5.
+    Mps,
+    /// A capped grid on a lowest-priority stream only (always available; the weakest).
+    BoundedGrid,
+}
+
+impl LaneMechanism {
+    /// The names [`FromStr`](std::str::FromStr) takes, for help texts.
+    pub const NAMES: &'static str = "auto, green, mps, bounded";
+
+    /// The short name (`auto`, `green`, `mps`, `bounded`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::GreenContext => "green",
+            Self::Mps => "mps",
+            Self::BoundedGrid => "bounded",
+        }
+    }
+}
+
+impl std::fmt::Display for LaneMechanism {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LaneMechanism {
+    type Err = VramError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "green" | "green_context" => Ok(Self::GreenContext),
+            "mps" | "mps_context" => Ok(Self::Mps),
+            "bounded" | "bounded_grid" => Ok(Self::BoundedGrid),
+            _ => Err(VramError::InvalidInput {
+                field: "mechanism",
+                reason: format!("expected one of {}", Self::NAMES),
+            }),
+        }
+    }
 }
 
 /// How a budgeted digest was confined to its [`SmBudget`].
@@ -311,6 +387,13 @@ pub enum Confinement {
         /// SMs granted.
         sms: u32,
     },
+    /// A context of the running MPS daemon with an execution affinity of `sms` SMs: MPS keeps the
+    /// kernel on that many SMs, and runs it beside other processes' kernels instead of
+    /// time-slicing with them.
+    MpsContext {
+        /// SMs granted.
+        sms: u32,
+    },
     /// The kernel's grid capped at what `sms` SMs hold, on a lowest-priority stream (where green
     /// contexts are missing).
     BoundedGrid {
@@ -319,6 +402,31 @@ pub enum Confinement {
     },
     /// Not confined (the `sim` backend: no GPU to share).
     Unconfined,
+}
+
+impl Confinement {
+    /// The mechanism's name as serialised (`green_context`, `mps_context`, `bounded_grid`,
+    /// `unconfined`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::GreenContext { .. } => "green_context",
+            Self::MpsContext { .. } => "mps_context",
+            Self::BoundedGrid { .. } => "bounded_grid",
+            Self::Unconfined => "unconfined",
+        }
+    }
+
+    /// The SMs granted (`None` when unconfined).
+    #[must_use]
+    pub const fn sms(self) -> Option<u32> {
+        match self {
+            Self::GreenContext { sms } | Self::MpsContext { sms } | Self::BoundedGrid { sms } => {
+                Some(sms)
+            }
+            Self::Unconfined => None,
+        }
+    }
 }
 
 /// Where tensor data is placed in device memory: the data section of a file image starts on a
@@ -398,6 +506,45 @@ pub trait Backend: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_mechanisms_parse_by_name_and_round_trip_and_unknown_is_refused() {
+        for mechanism in [
+            LaneMechanism::Auto,
+            LaneMechanism::GreenContext,
+            LaneMechanism::Mps,
+            LaneMechanism::BoundedGrid,
+        ] {
+            assert_eq!(
+                mechanism.name().parse::<LaneMechanism>().unwrap(),
+                mechanism
+            );
+        }
+        assert_eq!(
+            " Bounded_Grid ".parse::<LaneMechanism>().unwrap(),
+            LaneMechanism::BoundedGrid
+        );
+        let err = "mig".parse::<LaneMechanism>().unwrap_err();
+        assert!(
+            err.to_string().contains("auto, green, mps, bounded"),
+            "{err}"
+        );
+        assert_eq!(SmBudget::sms(8).mechanism, LaneMechanism::Auto);
+        // The names are those the confinement serialises with.
+        for confinement in [
+            Confinement::GreenContext { sms: 8 },
+            Confinement::MpsContext { sms: 8 },
+            Confinement::BoundedGrid { sms: 8 },
+            Confinement::Unconfined,
+        ] {
+            let json = serde_json::to_value(confinement).unwrap();
+            assert_eq!(json["mechanism"], confinement.name());
+            assert_eq!(
+                json.get("sms").and_then(|v| v.as_u64()),
+                confinement.sms().map(u64::from)
+            );
+        }
+    }
 
     #[test]
     fn backend_names_parse_and_unknown_is_refused() {

@@ -2,6 +2,10 @@
 //! in device memory, round-robin, confined to an [`SmBudget`] (a green context of a few SMs on the
 //! CUDA backend, or a bounded grid where green contexts are missing; [`BackgroundStats`] says which).
 //!
+//! A [`BackgroundConfig`] may also cap the rate (`max_bytes_per_second`): after each digest the
+//! thread idles until the bytes it has re-hashed fit the cap. A budget of SMs is coarse (8 at a
+//! time on Hopper); the cap sets a rate between two budgets, e.g. 16 SMs held to 60 GB/s.
+//!
 //! A corruption or forgery found in the background follows the path of every failed verification
 //! ([`VramManager::verify_sealed_within`]): a critical audit record, the worker stopped, the damaged
 //! tensors named. The thread then stops and reports the incident in its stats.
@@ -31,6 +35,8 @@ pub struct BackgroundStats {
     pub bytes: u64,
     /// Seconds spent verifying (not pausing).
     pub busy_seconds: f64,
+    /// Seconds spent idle: pauses after a pass and waits to keep to the rate cap.
+    pub idle_seconds: f64,
     /// Seconds the last complete pass took.
     pub last_pass_seconds: Option<f64>,
     /// How the verifications were confined (none made yet: `None`).
@@ -55,10 +61,32 @@ impl BackgroundStats {
     }
 }
 
+/// How a [`BackgroundVerifier`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackgroundConfig {
+    /// The SMs each digest may use, and how they are held to them.
+    pub budget: SmBudget,
+    /// Idle time after each complete pass (zero: back to back).
+    pub pause: Duration,
+    /// The most bytes re-hashed per second of wall time (`None`: as fast as the budget allows).
+    pub max_bytes_per_second: Option<u64>,
+}
+
+impl BackgroundConfig {
+    /// Back to back within `budget`, no rate cap.
+    #[must_use]
+    pub const fn new(budget: SmBudget) -> Self {
+        Self {
+            budget,
+            pause: Duration::ZERO,
+            max_bytes_per_second: None,
+        }
+    }
+}
+
 struct Shared {
     manager: Arc<VramManager>,
-    budget: SmBudget,
-    pause: Duration,
+    config: BackgroundConfig,
     shards: Mutex<Vec<Weak<SealedShard>>>,
     stats: Mutex<BackgroundStats>,
     stop: AtomicBool,
@@ -74,7 +102,7 @@ pub struct BackgroundVerifier {
 impl std::fmt::Debug for BackgroundVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackgroundVerifier")
-            .field("budget", &self.shared.budget)
+            .field("config", &self.shared.config)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -82,22 +110,28 @@ impl std::fmt::Debug for BackgroundVerifier {
 
 impl BackgroundVerifier {
     /// Starts a thread that re-verifies the watched shards of `manager` round-robin, each digest
-    /// confined to `budget`, pausing `pause` after each complete pass (zero: back to back).
+    /// confined to `config.budget`, idling `config.pause` after each complete pass and as long as
+    /// `config.max_bytes_per_second` needs.
     ///
     /// # Errors
-    /// [`VramError::InvalidInput`] for a zero budget; [`VramError::Backend`] when the thread cannot
-    /// be started.
-    pub fn start(manager: Arc<VramManager>, budget: SmBudget, pause: Duration) -> Result<Self> {
-        if budget.sms == 0 {
+    /// [`VramError::InvalidInput`] for a zero budget or a zero rate cap; [`VramError::Backend`]
+    /// when the thread cannot be started.
+    pub fn start(manager: Arc<VramManager>, config: BackgroundConfig) -> Result<Self> {
+        if config.budget.sms == 0 {
             return Err(VramError::InvalidInput {
                 field: "sms",
                 reason: "a background verification needs at least one SM".to_owned(),
             });
         }
+        if config.max_bytes_per_second == Some(0) {
+            return Err(VramError::InvalidInput {
+                field: "max_bytes_per_second",
+                reason: "a rate cap must be above zero (leave it out for no cap)".to_owned(),
+            });
+        }
         let shared = Arc::new(Shared {
             manager,
-            budget,
-            pause,
+            config,
             shards: Mutex::new(Vec::new()),
             stats: Mutex::new(BackgroundStats {
                 running: true,
@@ -147,7 +181,13 @@ impl BackgroundVerifier {
     /// The budget it runs under.
     #[must_use]
     pub fn budget(&self) -> SmBudget {
-        self.shared.budget
+        self.shared.config.budget
+    }
+
+    /// How it runs.
+    #[must_use]
+    pub fn config(&self) -> BackgroundConfig {
+        self.shared.config
     }
 
     /// Stops the thread (after the verification in flight) and returns the final stats.
@@ -213,17 +253,24 @@ fn run(shared: &Shared) {
                 continue;
             };
             let started = Instant::now();
-            let verified = shared.manager.verify_sealed_within(&shard, shared.budget);
+            let verified = shared
+                .manager
+                .verify_sealed_within(&shard, shared.config.budget);
             let seconds = started.elapsed().as_secs_f64();
             let bytes = shard.vram_bytes();
             drop(shard);
             match verified {
-                Ok((_, confinement)) => record(&|s| {
-                    s.verifications = s.verifications.saturating_add(1);
-                    s.bytes = s.bytes.saturating_add(bytes);
-                    s.busy_seconds += seconds;
-                    s.confinement = Some(confinement);
-                }),
+                Ok((_, confinement)) => {
+                    record(&|s| {
+                        s.verifications = s.verifications.saturating_add(1);
+                        s.bytes = s.bytes.saturating_add(bytes);
+                        s.busy_seconds += seconds;
+                        s.confinement = Some(confinement);
+                    });
+                    if let Some(rate) = shared.config.max_bytes_per_second {
+                        idle(shared, pacing_wait(bytes, seconds, rate));
+                    }
+                }
                 Err(error) if is_incident(&error) => {
                     let text = error.to_string();
                     record(&|s| s.incident = Some(text.clone()));
@@ -244,9 +291,7 @@ fn run(shared: &Shared) {
                 s.last_pass_seconds = Some(seconds);
             });
         }
-        if !shared.pause.is_zero() {
-            wait(shared, shared.pause);
-        }
+        idle(shared, shared.config.pause);
     }
     record(&|s| s.running = false);
 }
@@ -260,6 +305,37 @@ const fn is_incident(error: &VramError) -> bool {
             | VramError::PolicyViolation { .. }
             | VramError::WorkerStopped { .. }
     )
+}
+
+/// How long to idle after re-hashing `bytes` in `seconds` so that the two together keep to `rate`
+/// bytes per second (zero when the digest itself was slow enough).
+fn pacing_wait(bytes: u64, seconds: f64, rate: u64) -> Duration {
+    let due = bytes as f64 / rate as f64;
+    Duration::try_from_secs_f64(due - seconds).unwrap_or(Duration::ZERO)
+}
+
+/// Idles `timeout` (less when stopped; a newly watched shard does not cut it short) and counts
+/// the time.
+fn idle(shared: &Shared, timeout: Duration) {
+    if timeout.is_zero() {
+        return;
+    }
+    let started = Instant::now();
+    while !shared.stop.load(Ordering::Acquire) {
+        let Some(left) = timeout.checked_sub(started.elapsed()) else {
+            break;
+        };
+        if left.is_zero() {
+            break;
+        }
+        wait(shared, left);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    shared
+        .stats
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .idle_seconds += seconds;
 }
 
 fn wait(shared: &Shared, timeout: Duration) {
@@ -313,9 +389,11 @@ mod tests {
         let (manager, _) = manager();
         let a = Arc::new(manager.seal_model(&[1u8; 100_000], 0).unwrap());
         let b = Arc::new(manager.seal_model(&[2u8; 300_000], 0).unwrap());
-        let verifier =
-            BackgroundVerifier::start(Arc::clone(&manager), SmBudget { sms: 8 }, Duration::ZERO)
-                .unwrap();
+        let verifier = BackgroundVerifier::start(
+            Arc::clone(&manager),
+            BackgroundConfig::new(SmBudget::sms(8)),
+        )
+        .unwrap();
         verifier.watch(&a);
         verifier.watch(&b);
         verifier.watch(&a); // twice: watched once
@@ -352,9 +430,11 @@ mod tests {
     fn a_corruption_found_in_the_background_stops_the_worker_and_names_the_range() {
         let (manager, sim) = manager();
         let shard = Arc::new(manager.seal_model(&[9u8; 2 << 20], 0).unwrap());
-        let verifier =
-            BackgroundVerifier::start(Arc::clone(&manager), SmBudget { sms: 4 }, Duration::ZERO)
-                .unwrap();
+        let verifier = BackgroundVerifier::start(
+            Arc::clone(&manager),
+            BackgroundConfig::new(SmBudget::sms(4)),
+        )
+        .unwrap();
         verifier.watch(&shard);
         assert!(until(|| verifier.stats().passes >= 1));
         sim.flip_bit(shard.allocation_id(), 8 * (1 << 20) + 1)
@@ -378,8 +458,52 @@ mod tests {
     #[test]
     fn a_zero_budget_is_refused() {
         let (manager, _) = manager();
-        let err =
-            BackgroundVerifier::start(manager, SmBudget { sms: 0 }, Duration::ZERO).unwrap_err();
+        let err = BackgroundVerifier::start(
+            Arc::clone(&manager),
+            BackgroundConfig::new(SmBudget::sms(0)),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("at least one SM"), "{err}");
+        let err = BackgroundVerifier::start(
+            manager,
+            BackgroundConfig {
+                max_bytes_per_second: Some(0),
+                ..BackgroundConfig::new(SmBudget::sms(8))
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("above zero"), "{err}");
+    }
+
+    #[test]
+    fn a_rate_cap_holds_the_bytes_re_hashed_per_second_of_wall_time_below_it() {
+        // 1 MiB shard, 8 MiB/s: the sim hashes it in a few ms, so without the cap the thread would
+        // re-hash hundreds of MiB per second; with it, each digest is followed by ~125 ms idle.
+        const RATE: u64 = 8 << 20;
+        let (manager, _) = manager();
+        let shard = Arc::new(manager.seal_model(&[3u8; 1 << 20], 0).unwrap());
+        let started = Instant::now();
+        let verifier = BackgroundVerifier::start(
+            Arc::clone(&manager),
+            BackgroundConfig {
+                max_bytes_per_second: Some(RATE),
+                ..BackgroundConfig::new(SmBudget::sms(8))
+            },
+        )
+        .unwrap();
+        verifier.watch(&shard);
+        assert!(until(|| verifier.stats().verifications >= 4));
+        let stats = verifier.stop();
+        let wall = started.elapsed().as_secs_f64();
+        // Every digest but the last was followed by its full wait, so the bytes of all but one
+        // took at least bytes / RATE seconds of wall time.
+        let paced_bytes = stats.bytes - (1 << 20);
+        assert!(
+            wall >= paced_bytes as f64 / RATE as f64,
+            "{wall} s for {stats:?}"
+        );
+        assert!(stats.idle_seconds > 0.1, "{stats:?}");
+        assert_eq!(pacing_wait(1000, 2.0, 1000), Duration::ZERO);
+        assert_eq!(pacing_wait(1000, 0.25, 1000), Duration::from_millis(750));
     }
 }

@@ -126,9 +126,9 @@ pub use audit::{
 pub use audit_log::AuditLog;
 pub use backend::{
     Backend, BackendKind, Confinement, DeviceBuffer, DeviceInfo, DevicePolicy, DeviceVerdict,
-    Residency, SmBudget, UnifiedMemoryFacts,
+    LaneMechanism, Residency, SmBudget, UnifiedMemoryFacts,
 };
-pub use background::{BackgroundStats, BackgroundVerifier};
+pub use background::{BackgroundConfig, BackgroundStats, BackgroundVerifier};
 pub use digest::{Digest, TreeDigest};
 pub use error::{ByteRange, Result, VramError};
 pub use keys::{BearerCheck, PublicKey, Tag, WorkerToken};

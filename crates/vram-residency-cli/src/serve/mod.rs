@@ -83,10 +83,19 @@ pub struct ServeArgs {
     #[arg(long, env = "VRAM_RESIDENCY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
     /// Streaming multiprocessors the sweep's verifications may use (cuda: a green context of that
-    /// many SMs, or a bounded grid where green contexts are missing), so that a model serving on
-    /// the same GPU barely notices; 0: the whole GPU, as foreground verifications.
+    /// many SMs, an MPS context where MPS runs, or a bounded grid: see --sweep-mechanism), so that
+    /// a model serving on the same GPU barely notices; 0: the whole GPU, as foreground
+    /// verifications.
     #[arg(long, env = "VRAM_RESIDENCY_SWEEP_SMS", default_value_t = 0)]
     pub sweep_sms: u32,
+    /// How --sweep-sms is held: `auto` (the first that works: green context, MPS context where
+    /// this process is a client of a running MPS daemon, bounded grid), `green`, `mps` or
+    /// `bounded` (that one only; sweeps fail when it cannot be had). With the inference engine in
+    /// another process, start the MPS daemon (`nvidia-cuda-mps-control -d`) before both: without
+    /// it the two processes time-slice the GPU, whatever the budget.
+    #[arg(long, env = "VRAM_RESIDENCY_SWEEP_MECHANISM", default_value = "auto",
+          value_parser = parse_mechanism)]
+    pub sweep_mechanism: vram_residency::LaneMechanism,
     /// Largest request body accepted.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_body: u64,
@@ -160,6 +169,11 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     ))
 }
 
+fn parse_mechanism(s: &str) -> Result<vram_residency::LaneMechanism, String> {
+    s.parse()
+        .map_err(|e: vram_residency::VramError| e.to_string())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
@@ -222,11 +236,20 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
     let models = ModelsDir::new(&args.models_dir)
         .with_context(|| format!("models directory {}", args.models_dir.display()))
         .map_err(crate::cli::usage_of)?;
-    let backend = backends::open(
-        args.backend.backend,
-        args.backend.sim(),
-        args.backend.cuda(),
-    )?;
+    let backend: Arc<dyn vram_residency::Backend> = match args.backend.backend {
+        BackendKind::Cuda => {
+            let cuda = backends::open_cuda(args.backend.cuda())?;
+            if args.sweep_sms > 0 && !args.sweep_interval.is_zero() {
+                note_mps(&cuda, args.sweep_sms);
+            }
+            Arc::new(cuda)
+        }
+        BackendKind::Sim => backends::open(
+            args.backend.backend,
+            args.backend.sim(),
+            args.backend.cuda(),
+        )?,
+    };
     let kind = backend.kind();
     let (audit_log, report) = AuditLog::open(&args.audit_log, &token, kind)?;
     if let Some(torn) = &report.torn_tail {
@@ -293,9 +316,10 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         args.sweep_interval,
         transport,
     );
-    app.sweep_budget = (args.sweep_sms > 0).then_some(vram_residency::SmBudget {
-        sms: args.sweep_sms,
-    });
+    app.sweep_budget = (args.sweep_sms > 0).then_some(vram_residency::SmBudget::with(
+        args.sweep_sms,
+        args.sweep_mechanism,
+    ));
     let app = Arc::new(app);
     let router = api::router(
         Arc::clone(&app),
@@ -348,6 +372,24 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// Records one of the service's own events (start, stop, a refused worker token) in `sink`.
+/// Says on stderr whether other processes' kernels will run beside the confined sweeps (this
+/// process is an MPS client) or time-slice the GPU with them (it is not).
+fn note_mps(cuda: &vram_residency_cuda::CudaBackend, sms: u32) {
+    match cuda.hasher(0).and_then(|hasher| hasher.mps_client()) {
+        Ok(true) => eprintln!(
+            "sweeps: confined to {sms} SMs; this process is an MPS client, so kernels of other \
+             processes on the GPU run beside the sweeps"
+        ),
+        Ok(false) => eprintln!(
+            "note: sweeps are confined to {sms} SMs within this process, but no MPS daemon serves \
+             it: kernels of other processes on the same GPU (an inference engine) time-slice the \
+             GPU with the sweeps. Start `nvidia-cuda-mps-control -d` before both processes for \
+             them to run side by side"
+        ),
+        Err(error) => tracing::warn!(%error, "cannot tell whether MPS is running"),
+    }
+}
+
 fn record(sink: &dyn AuditSink, backend: BackendKind, event: AuditEvent) -> anyhow::Result<()> {
     let entry = AuditEntry {
         at_ns: unix_nanos(SystemTime::now()),

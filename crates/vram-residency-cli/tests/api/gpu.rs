@@ -749,28 +749,60 @@ fn gpu_confined_verification_gives_the_same_digest_and_finds_a_flip_in_the_backg
             )
         })
         .collect();
+    use vram_residency::{Confinement, LaneMechanism, SmBudget};
     let mut mechanisms = Vec::new();
-    for sms in [8, 16] {
+    let budgets = [
+        SmBudget::sms(8),
+        SmBudget::sms(16),
+        SmBudget::with(8, LaneMechanism::GreenContext),
+        SmBudget::with(8, LaneMechanism::BoundedGrid),
+    ];
+    for budget in budgets {
         for shard in &shards {
-            let (report, confinement) = manager
-                .verify_sealed_within(shard, vram_residency::SmBudget { sms })
-                .unwrap();
+            let result = manager.verify_sealed_within(shard, budget);
+            if budget.mechanism == LaneMechanism::GreenContext
+                && let Err(error) = &result
+            {
+                // A driver without green contexts refuses an explicit request, clearly.
+                assert!(error.to_string().contains("green"), "{error}");
+                mechanisms.push(format!("{budget:?}: refused: {error}"));
+                continue;
+            }
+            let (report, confinement) = result.unwrap();
             assert_eq!(report.digest, shard.digest());
-            assert!(
-                matches!(
-                    confinement,
-                    vram_residency::Confinement::GreenContext { .. }
-                        | vram_residency::Confinement::BoundedGrid { .. }
-                ),
-                "{confinement:?}"
-            );
-            mechanisms.push(format!("{sms} SMs: {confinement:?}"));
+            let expected = match budget.mechanism {
+                LaneMechanism::GreenContext => {
+                    matches!(confinement, Confinement::GreenContext { .. })
+                }
+                LaneMechanism::BoundedGrid => {
+                    confinement == Confinement::BoundedGrid { sms: budget.sms }
+                }
+                LaneMechanism::Auto | LaneMechanism::Mps => {
+                    !matches!(confinement, Confinement::Unconfined)
+                }
+            };
+            assert!(expected, "{budget:?} gave {confinement:?}");
+            mechanisms.push(format!("{budget:?}: {confinement:?}"));
         }
+    }
+    // An MPS lane: made only where this process is an MPS client, else refused by name.
+    let mps = manager.verify_sealed_within(&shards[0], SmBudget::with(8, LaneMechanism::Mps));
+    if gpu.backend.hasher(0).unwrap().mps_client().unwrap() {
+        let (report, confinement) = mps.unwrap();
+        assert_eq!(report.digest, shards[0].digest());
+        assert!(
+            matches!(confinement, Confinement::MpsContext { .. }),
+            "{confinement:?}"
+        );
+        mechanisms.push(format!("mps: {confinement:?}"));
+    } else {
+        let error = mps.unwrap_err().to_string();
+        assert!(error.contains("MPS"), "{error}");
+        mechanisms.push("mps: refused (no MPS daemon)".to_owned());
     }
     let verifier = vram_residency::BackgroundVerifier::start(
         Arc::clone(&manager),
-        vram_residency::SmBudget { sms: 8 },
-        std::time::Duration::ZERO,
+        vram_residency::BackgroundConfig::new(SmBudget::sms(8)),
     )
     .unwrap();
     for shard in &shards {
@@ -803,11 +835,11 @@ fn gpu_confined_verification_gives_the_same_digest_and_finds_a_flip_in_the_backg
     ));
     let _ = writeln!(
         std::io::stderr(),
-        "{test}: {}; background: {} passes, {:.1} GB/s busy, then the flip: {incident}; green contexts refused: {:?}",
+        "{test}: {}; background: {} passes, {:.1} GB/s busy, then the flip: {incident}; fallbacks: {:?}",
         mechanisms.join(", "),
         clean.passes,
         clean.gb_per_s(),
-        gpu.backend.hasher(0).unwrap().green_context_refusal()
+        gpu.backend.hasher(0).unwrap().lane_refusals()
     );
     drop(shards);
     drop(manager);
