@@ -154,22 +154,35 @@ impl VramBuffer {
         let n = usize::try_from(self.len).map_err(|_| CudaError::OutOfBounds {
             what: "buffer size exceeds usize",
         })?;
-        self.bind()?;
-        // SAFETY: `ptr..ptr+len` is this allocation, on this (current) context; synchronous.
-        unsafe { result::memset_d8_sync(self.ptr, value, n) }
-            .map_err(CudaError::driver("cuMemsetD8"))
+        let stream = self.own_stream()?;
+        // SAFETY: `ptr..ptr+len` is this allocation, on this (current) context; `stream` is a live
+        // stream of it, synchronised before returning.
+        unsafe { result::memset_d8_async(self.ptr, value, n, stream.cu_stream()) }
+            .map_err(CudaError::driver("cuMemsetD8Async"))?;
+        stream
+            .synchronize()
+            .map_err(CudaError::driver("cuStreamSynchronize"))
     }
 
-    /// Copies `dst.len()` bytes from `offset` into `dst` and waits for the copy.
+    /// Copies `dst.len()` bytes from `offset` into `dst` and waits for the copy. The copy runs on
+    /// a non-blocking stream of its own, not on the legacy default stream (see
+    /// [`read_on`](Self::read_on)): it never waits for work that others (torch) queued there.
     ///
     /// # Errors
     /// [`CudaError::OutOfBounds`], [`CudaError::Driver`].
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
-        let src = self.checked_range(offset, dst.len() as u64)?;
+        self.checked_range(offset, dst.len() as u64)?;
+        let stream = self.own_stream()?;
+        // SAFETY: `stream` is a live stream of this buffer's context, made current by own_stream.
+        unsafe { self.read_on(stream.cu_stream(), offset, dst) }
+    }
+
+    /// A fresh non-blocking stream on this buffer's context (made current), for a one-off copy.
+    fn own_stream(&self) -> Result<Arc<CudaStream>> {
         self.bind()?;
-        // SAFETY: `src..src+dst.len()` lies inside this allocation (checked_range); the context is
-        // current; the copy is synchronous and `dst` is exclusively borrowed for it.
-        unsafe { result::memcpy_dtoh_sync(dst, src) }.map_err(CudaError::driver("cuMemcpyDtoH"))
+        self.ctx
+            .new_stream()
+            .map_err(CudaError::driver("cuStreamCreate"))
     }
 
     /// Copies `dst.len()` bytes at `offset` to `dst` on `stream` and waits for that stream.
