@@ -96,6 +96,10 @@ pub struct ServeArgs {
     #[arg(long, env = "VRAM_RESIDENCY_SWEEP_MECHANISM", default_value = "auto",
           value_parser = parse_mechanism)]
     pub sweep_mechanism: vram_residency::LaneMechanism,
+    /// The most GB/s (10^9 bytes per second of wall time) a sweep re-hashes: after each shard it
+    /// waits until the bytes fit (e.g. --sweep-sms 16 --sweep-max-rate 60). 0: no cap.
+    #[arg(long, env = "VRAM_RESIDENCY_SWEEP_MAX_RATE", default_value = "0", value_parser = parse_rate)]
+    pub sweep_max_rate: Option<u64>,
     /// Largest request body accepted.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_body: u64,
@@ -167,6 +171,25 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     Err(format!(
         "{text:?} is not an address: expected IP:PORT (127.0.0.1:8470, [::1]:8470) or localhost:PORT"
     ))
+}
+
+/// GB/s as whole bytes per second; `0` is no cap (`None`).
+fn parse_rate(s: &str) -> Result<Option<u64>, String> {
+    let gbps: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of GB/s (e.g. 60, 12.5; 0: no cap)"))?;
+    if gbps == 0.0 {
+        return Ok(None);
+    }
+    let bytes = (gbps * 1e9).round();
+    if !(bytes.is_finite() && (1.0..1.8e19).contains(&bytes)) {
+        return Err(format!(
+            "{s:?}: a rate must be a positive number of GB/s, or 0"
+        ));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked above
+    Ok(Some(bytes as u64))
 }
 
 fn parse_mechanism(s: &str) -> Result<vram_residency::LaneMechanism, String> {
@@ -320,6 +343,7 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         args.sweep_sms,
         args.sweep_mechanism,
     ));
+    app.sweep_max_bytes_per_second = args.sweep_max_rate;
     let app = Arc::new(app);
     let router = api::router(
         Arc::clone(&app),
@@ -420,6 +444,21 @@ async fn shutdown_signal() -> &'static str {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    #[test]
+    fn sweep_rates_parse_as_gb_per_s_zero_is_no_cap_and_garbage_is_refused() {
+        assert_eq!(super::parse_rate("0"), Ok(None));
+        assert_eq!(super::parse_rate("60"), Ok(Some(60_000_000_000)));
+        assert_eq!(super::parse_rate(" 12.5 "), Ok(Some(12_500_000_000)));
+        for bad in ["", "-1", "fast", "inf", "NaN", "1e20"] {
+            assert!(super::parse_rate(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert_eq!(
+            super::parse_mechanism("mps"),
+            Ok(vram_residency::LaneMechanism::Mps)
+        );
+        assert!(super::parse_mechanism("mig").is_err());
+    }
+
     #[test]
     fn listen_accepts_ip_port_and_localhost_and_hints_at_a_bare_port() {
         assert_eq!(

@@ -68,6 +68,9 @@ pub struct AppState {
     pub sweep_interval: Duration,
     /// SMs the sweep's verifications may use (`--sweep-sms`); `None`: the whole GPU.
     pub sweep_budget: Option<SmBudget>,
+    /// The most bytes a sweep re-hashes per second of wall time (`--sweep-max-rate`); `None`: no
+    /// cap.
+    pub sweep_max_bytes_per_second: Option<u64>,
     /// How the sweep's verifications were confined (set after the first one).
     pub sweep_confinement: Mutex<Option<Confinement>>,
     /// How clients reach the service (reported by `GET /v1/worker`).
@@ -98,6 +101,7 @@ impl AppState {
             metrics: Metrics::new(),
             sweep_interval,
             sweep_budget: None,
+            sweep_max_bytes_per_second: None,
             sweep_confinement: Mutex::new(None),
             transport,
             shards: Mutex::new(BTreeMap::new()),

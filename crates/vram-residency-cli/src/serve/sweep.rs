@@ -51,8 +51,12 @@ pub async fn run(app: Arc<AppState>, interval: Duration, mut stop: watch::Receiv
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                let outcome = sweep_once(&app).await;
-                tracing::info!(?outcome, "sweep");
+                // A sweep under --sweep-max-rate may take a while: a stop ends it between shards
+                // (a verification already running finishes on its blocking thread).
+                tokio::select! {
+                    outcome = sweep_once(&app) => tracing::info!(?outcome, "sweep"),
+                    _ = stop.changed() => return,
+                }
             }
             _ = stop.changed() => return,
         }
@@ -79,13 +83,26 @@ async fn sweep_inner(app: &Arc<AppState>) -> SweepOutcome {
         };
         let task_app = Arc::clone(app);
         let task_entry = Arc::clone(&entry);
+        let started = tokio::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             task_app.sweep_verify_blocking(&task_entry)
         })
         .await;
         match result {
-            Ok(Some(Ok(_))) => verified = verified.saturating_add(1),
+            Ok(Some(Ok(_))) => {
+                verified = verified.saturating_add(1);
+                if let Some(rate) = app.sweep_max_bytes_per_second {
+                    // Wait until this shard's bytes fit the cap (the permit is free meanwhile).
+                    let due = entry.view.vram_bytes as f64 / rate as f64;
+                    if let Some(until) = Duration::try_from_secs_f64(due)
+                        .ok()
+                        .and_then(|due| started.checked_add(due))
+                    {
+                        tokio::time::sleep_until(until).await;
+                    }
+                }
+            }
             // Evicted while the sweep ran.
             Ok(None) => {}
             Ok(Some(Err(error))) if error.is_fatal() => {
@@ -152,6 +169,10 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with_rate(None)
+    }
+
+    fn fixture_with_rate(max_bytes_per_second: Option<u64>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("models");
         std::fs::create_dir(&models).unwrap();
@@ -172,7 +193,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let app = Arc::new(AppState::new(
+        let mut app = AppState::new(
             manager,
             ModelsDir::new(&models).unwrap(),
             Access::operator_only(token.bearer_check(), OPERATOR_TOKEN.as_bytes()),
@@ -180,7 +201,9 @@ mod tests {
             2,
             Duration::from_secs(60),
             crate::serve::transport::Transport::Http,
-        ));
+        );
+        app.sweep_max_bytes_per_second = max_bytes_per_second;
+        let app = Arc::new(app);
         let router = router(
             Arc::clone(&app),
             Limits {
@@ -221,6 +244,26 @@ mod tests {
 
     fn json(text: &str) -> Value {
         serde_json::from_str(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_sweep_under_a_rate_cap_takes_at_least_its_bytes_over_the_cap() {
+        // Two shards of 2,000,000 bytes at 10 MB/s: each verification (milliseconds on the sim) is
+        // followed by a wait until 0.2 s have passed since it began, so the sweep takes 0.4 s or
+        // more; without the cap the same sweep is far quicker (the sim hashes ~1 GB/s).
+        let f = fixture_with_rate(Some(10_000_000));
+        for id in ["s1", "s2"] {
+            let body = format!(r#"{{"model":"m.bin","gpu":0,"shard_id":"{id}"}}"#);
+            let (status, text) = call(&f.router, "POST", "/v1/shards", Some(&body)).await;
+            assert_eq!(status, StatusCode::CREATED, "{text}");
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(
+            sweep_once(&f.app).await,
+            SweepOutcome::Clean { verified: 2 }
+        );
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(400), "{took:?}");
     }
 
     #[tokio::test]
