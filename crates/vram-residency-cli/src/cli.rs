@@ -542,10 +542,49 @@ fn seal(args: &SealArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::{parse_bytes, parse_plan};
     use vram_residency::{LaneMechanism, SmBudget};
+
+    #[test]
+    fn the_command_line_definition_is_consistent_and_every_value_type_matches_its_parser() {
+        use clap::{CommandFactory as _, Parser as _};
+        super::Cli::command().debug_assert();
+        // Parsing runs every field's extraction: a parser whose output type differs from the
+        // field's panics here (clap checks that only at run time).
+        let cli = super::Cli::try_parse_from([
+            "vram-residency",
+            "serve",
+            "--models-dir",
+            "m",
+            "--audit-log",
+            "a",
+            "--sweep-sms",
+            "16",
+            "--sweep-mechanism",
+            "green",
+            "--sweep-max-rate",
+            "60",
+        ])
+        .unwrap();
+        let super::Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!(args.sweep_max_rate, 60_000_000_000);
+        assert_eq!(args.sweep_mechanism, LaneMechanism::GreenContext);
+        let cli = super::Cli::try_parse_from([
+            "vram-residency",
+            "bench",
+            "--interference-sms",
+            "8,16@60,8:bounded",
+        ])
+        .unwrap();
+        let super::Command::Bench(args) = cli.command else {
+            panic!("not bench");
+        };
+        assert_eq!(args.interference_sms.len(), 3);
+    }
 
     #[test]
     fn interference_budgets_parse_sms_mechanism_and_rate_and_reject_garbage() {

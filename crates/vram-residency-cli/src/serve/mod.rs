@@ -99,7 +99,7 @@ pub struct ServeArgs {
     /// The most GB/s (10^9 bytes per second of wall time) a sweep re-hashes: after each shard it
     /// waits until the bytes fit (e.g. --sweep-sms 16 --sweep-max-rate 60). 0: no cap.
     #[arg(long, env = "VRAM_RESIDENCY_SWEEP_MAX_RATE", default_value = "0", value_parser = parse_rate)]
-    pub sweep_max_rate: Option<u64>,
+    pub sweep_max_rate: u64,
     /// Largest request body accepted.
     #[arg(long, env = "VRAM_RESIDENCY_MAX_BODY", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_body: u64,
@@ -173,14 +173,14 @@ fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     ))
 }
 
-/// GB/s as whole bytes per second; `0` is no cap (`None`).
-fn parse_rate(s: &str) -> Result<Option<u64>, String> {
+/// GB/s as whole bytes per second; `0` is no cap.
+fn parse_rate(s: &str) -> Result<u64, String> {
     let gbps: f64 = s
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a number of GB/s (e.g. 60, 12.5; 0: no cap)"))?;
     if gbps == 0.0 {
-        return Ok(None);
+        return Ok(0);
     }
     let bytes = (gbps * 1e9).round();
     if !(bytes.is_finite() && (1.0..1.8e19).contains(&bytes)) {
@@ -189,7 +189,7 @@ fn parse_rate(s: &str) -> Result<Option<u64>, String> {
         ));
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked above
-    Ok(Some(bytes as u64))
+    Ok(bytes as u64)
 }
 
 fn parse_mechanism(s: &str) -> Result<vram_residency::LaneMechanism, String> {
@@ -343,7 +343,7 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
         args.sweep_sms,
         args.sweep_mechanism,
     ));
-    app.sweep_max_bytes_per_second = args.sweep_max_rate;
+    app.sweep_max_bytes_per_second = (args.sweep_max_rate > 0).then_some(args.sweep_max_rate);
     let app = Arc::new(app);
     let router = api::router(
         Arc::clone(&app),
@@ -446,9 +446,9 @@ async fn shutdown_signal() -> &'static str {
 mod tests {
     #[test]
     fn sweep_rates_parse_as_gb_per_s_zero_is_no_cap_and_garbage_is_refused() {
-        assert_eq!(super::parse_rate("0"), Ok(None));
-        assert_eq!(super::parse_rate("60"), Ok(Some(60_000_000_000)));
-        assert_eq!(super::parse_rate(" 12.5 "), Ok(Some(12_500_000_000)));
+        assert_eq!(super::parse_rate("0"), Ok(0));
+        assert_eq!(super::parse_rate("60"), Ok(60_000_000_000));
+        assert_eq!(super::parse_rate(" 12.5 "), Ok(12_500_000_000));
         for bad in ["", "-1", "fast", "inf", "NaN", "1e20"] {
             assert!(super::parse_rate(bad).is_err(), "{bad:?} was accepted");
         }
