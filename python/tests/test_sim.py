@@ -437,7 +437,7 @@ def test_background_verification_keeps_to_its_rate_cap(sim_worker, tmp_path):
     save_file({"w": np.ones(1 << 20, dtype=np.float32)}, str(path))
     shard = sim_worker.seal_file(path)
     started = time.monotonic()
-    background = sim_worker.verify_in_background(shard, sms=8, mechanism="bounded", max_gbps=0.016)
+    background = sim_worker.verify_in_background(shard, sms=8, mechanism="auto", max_gbps=0.016)
     deadline = started + 20
     while background.stats()["verifications"] < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -446,3 +446,11 @@ def test_background_verification_keeps_to_its_rate_cap(sim_worker, tmp_path):
     assert stats["verifications"] >= 3, stats
     assert wall >= (stats["bytes"] - shard.nbytes) / 16e6, (wall, stats)
     assert stats["idle_seconds"] > 0.2, stats
+    # A mechanism asked for by name that the backend cannot provide (the sim has no GPU) is an
+    # error of each attempt, retried after a pause, never a silent unconfined digest.
+    with sim_worker.verify_in_background(shard, sms=8, mechanism="green") as background:
+        while not background.stats()["last_error"] and time.monotonic() < deadline + 20:
+            time.sleep(0.01)
+        stats = background.stats()
+    assert "green mechanism cannot be had" in (stats["last_error"] or ""), stats
+    assert stats["verifications"] == 0 and stats["incident"] is None, stats

@@ -264,12 +264,22 @@ pub trait DeviceBuffer: Send + Sync {
     fn tree_digest(&self) -> Result<TreeDigest>;
 
     /// [`tree_digest`](Self::tree_digest) confined to `budget` (for background verification
-    /// beside a running model), and how it was confined. The default measures unconfined.
+    /// beside a running model), and how it was confined. The default (a backend with no GPU to
+    /// share) measures unconfined for [`LaneMechanism::Auto`] and refuses a mechanism asked for by
+    /// name, which it cannot provide.
     ///
     /// # Errors
-    /// Backend errors.
+    /// [`VramError::Backend`] for a named mechanism; backend errors.
     fn tree_digest_within(&self, budget: SmBudget) -> Result<(TreeDigest, Confinement)> {
-        let _ = budget;
+        if budget.mechanism != LaneMechanism::Auto {
+            return Err(VramError::Backend {
+                reason: format!(
+                    "this backend has no GPU to confine a digest to: the {} mechanism cannot be \
+                     had (use auto)",
+                    budget.mechanism
+                ),
+            });
+        }
         Ok((self.tree_digest()?, Confinement::Unconfined))
     }
 

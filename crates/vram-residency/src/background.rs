@@ -43,7 +43,8 @@ pub struct BackgroundStats {
     pub confinement: Option<Confinement>,
     /// The incident that stopped the verifier (and the worker), if any.
     pub incident: Option<String>,
-    /// The last non-fatal error (a backend failure; the next pass tries again).
+    /// The last non-fatal error (a backend failure, or a mechanism that cannot be had; the next
+    /// pass tries again, after at least [`RETRY_AFTER_ERROR`]).
     pub last_error: Option<String>,
     /// False once the thread has ended (stopped, incident, or the worker stopped).
     pub running: bool,
@@ -60,6 +61,10 @@ impl BackgroundStats {
         }
     }
 }
+
+/// The least idle time after a pass in which a verification failed (not for a security incident,
+/// which ends the thread): a mechanism that cannot be had, say, is not retried in a busy loop.
+pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
 /// How a [`BackgroundVerifier`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +249,7 @@ fn run(shared: &Shared) {
         }
         let pass_started = Instant::now();
         let mut complete = true;
+        let mut failed = false;
         for weak in watched {
             if shared.stop.load(Ordering::Acquire) {
                 complete = false;
@@ -281,6 +287,7 @@ fn run(shared: &Shared) {
                     let text = error.to_string();
                     record(&|s| s.last_error = Some(text.clone()));
                     complete = false;
+                    failed = true;
                 }
             }
         }
@@ -291,7 +298,12 @@ fn run(shared: &Shared) {
                 s.last_pass_seconds = Some(seconds);
             });
         }
-        idle(shared, shared.config.pause);
+        let pause = if failed {
+            shared.config.pause.max(RETRY_AFTER_ERROR)
+        } else {
+            shared.config.pause
+        };
+        idle(shared, pause);
     }
     record(&|s| s.running = false);
 }
@@ -473,6 +485,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("above zero"), "{err}");
+    }
+
+    #[test]
+    fn a_mechanism_that_cannot_be_had_is_an_error_retried_at_most_once_a_second_not_a_busy_loop() {
+        // The sim has no GPU: a green context asked for by name cannot be had.
+        let (manager, _) = manager();
+        let shard = Arc::new(manager.seal_model(&[4u8; 4096], 0).unwrap());
+        let started = Instant::now();
+        let verifier = BackgroundVerifier::start(
+            Arc::clone(&manager),
+            BackgroundConfig::new(SmBudget::with(8, crate::LaneMechanism::GreenContext)),
+        )
+        .unwrap();
+        verifier.watch(&shard);
+        assert!(until(|| verifier.stats().idle_seconds >= 1.0));
+        let stats = verifier.stop();
+        let wall = started.elapsed().as_secs_f64();
+        let error = stats.last_error.clone().unwrap_or_default();
+        assert!(error.contains("green mechanism cannot be had"), "{stats:?}");
+        assert_eq!(stats.verifications, 0, "{stats:?}");
+        assert!(stats.incident.is_none() && !stats.running, "{stats:?}");
+        // Without the retry pause the thread would spin (pause zero) and idle_seconds stay 0.
+        assert!(wall >= 1.0, "{wall}");
+        assert!(matches!(manager.state(), WorkerState::Running));
     }
 
     #[test]
