@@ -41,17 +41,6 @@ struct Worker {
     closed: std::sync::atomic::AtomicBool,
 }
 
-/// `gbps` GB/s (10^9 bytes) as whole bytes per second: at least 1, below 2^64.
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked first
-fn bytes_per_second(gbps: f64) -> PyResult<u64> {
-    let bytes = (gbps * 1e9).round();
-    if bytes.is_finite() && (1.0..1.8e19).contains(&bytes) {
-        Ok(bytes as u64)
-    } else {
-        Err(value_error("max_gbps must be a positive number of GB/s"))
-    }
-}
-
 fn value_error(message: impl Into<String>) -> PyErr {
     pyo3::exceptions::PyValueError::new_err(message.into())
 }
@@ -460,7 +449,12 @@ impl Worker {
         let mechanism: vram_residency::LaneMechanism = mechanism
             .parse()
             .map_err(|e: vram_residency::VramError| value_error(e.to_string()))?;
-        let max_bytes_per_second = max_gbps.map(bytes_per_second).transpose()?;
+        let max_bytes_per_second = max_gbps
+            .map(|gbps| {
+                vram_residency::background::bytes_per_second(gbps)
+                    .ok_or_else(|| value_error("max_gbps must be a positive number of GB/s"))
+            })
+            .transpose()?;
         let shards: Vec<Arc<vram_residency::SealedShard>> =
             if let Ok(shard) = sealed.cast::<Shard>() {
                 vec![shard.get().get()?]

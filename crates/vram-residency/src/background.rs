@@ -319,9 +319,24 @@ const fn is_incident(error: &VramError) -> bool {
     )
 }
 
+/// `gbps` GB/s (10^9 bytes per second) as whole bytes per second, for a rate cap: `None` unless it
+/// rounds to at least 1 byte/s and stays below 2^64 (so not for zero, negative, NaN or infinite).
+#[must_use]
+pub fn bytes_per_second(gbps: f64) -> Option<u64> {
+    let bytes = (gbps * 1e9).round();
+    if bytes.is_finite() && (1.0..1.8e19).contains(&bytes) {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked above
+        Some(bytes as u64)
+    } else {
+        None
+    }
+}
+
 /// How long to idle after re-hashing `bytes` in `seconds` so that the two together keep to `rate`
-/// bytes per second (zero when the digest itself was slow enough).
-fn pacing_wait(bytes: u64, seconds: f64, rate: u64) -> Duration {
+/// bytes per second (zero when the digest itself was slow enough): the rule of
+/// [`BackgroundConfig::max_bytes_per_second`] and of `serve --sweep-max-rate`.
+#[must_use]
+pub fn pacing_wait(bytes: u64, seconds: f64, rate: u64) -> Duration {
     let due = bytes as f64 / rate as f64;
     Duration::try_from_secs_f64(due - seconds).unwrap_or(Duration::ZERO)
 }
@@ -541,5 +556,10 @@ mod tests {
         assert!(stats.idle_seconds > 0.1, "{stats:?}");
         assert_eq!(pacing_wait(1000, 2.0, 1000), Duration::ZERO);
         assert_eq!(pacing_wait(1000, 0.25, 1000), Duration::from_millis(750));
+        assert_eq!(bytes_per_second(60.0), Some(60_000_000_000));
+        assert_eq!(bytes_per_second(12.5), Some(12_500_000_000));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e20] {
+            assert_eq!(bytes_per_second(bad), None, "{bad}");
+        }
     }
 }

@@ -182,14 +182,8 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     if gbps == 0.0 {
         return Ok(0);
     }
-    let bytes = (gbps * 1e9).round();
-    if !(bytes.is_finite() && (1.0..1.8e19).contains(&bytes)) {
-        return Err(format!(
-            "{s:?}: a rate must be a positive number of GB/s, or 0"
-        ));
-    }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // range checked above
-    Ok(bytes as u64)
+    vram_residency::background::bytes_per_second(gbps)
+        .ok_or_else(|| format!("{s:?}: a rate must be a positive number of GB/s, or 0"))
 }
 
 fn parse_mechanism(s: &str) -> Result<vram_residency::LaneMechanism, String> {
@@ -395,7 +389,6 @@ async fn serve(args: &ServeArgs, as_root: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Records one of the service's own events (start, stop, a refused worker token) in `sink`.
 /// Says on stderr whether other processes' kernels will run beside the confined sweeps (this
 /// process is an MPS client) or time-slice the GPU with them (it is not).
 fn note_mps(cuda: &vram_residency_cuda::CudaBackend, sms: u32) {
@@ -414,6 +407,7 @@ fn note_mps(cuda: &vram_residency_cuda::CudaBackend, sms: u32) {
     }
 }
 
+/// Records one of the service's own events (start, stop, a refused worker token) in `sink`.
 fn record(sink: &dyn AuditSink, backend: BackendKind, event: AuditEvent) -> anyhow::Result<()> {
     let entry = AuditEntry {
         at_ns: unix_nanos(SystemTime::now()),

@@ -83,7 +83,7 @@ async fn sweep_inner(app: &Arc<AppState>) -> SweepOutcome {
         };
         let task_app = Arc::clone(app);
         let task_entry = Arc::clone(&entry);
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             task_app.sweep_verify_blocking(&task_entry)
@@ -94,13 +94,13 @@ async fn sweep_inner(app: &Arc<AppState>) -> SweepOutcome {
                 verified = verified.saturating_add(1);
                 if let Some(rate) = app.sweep_max_bytes_per_second {
                     // Wait until this shard's bytes fit the cap (the permit is free meanwhile).
-                    let due = entry.view.vram_bytes as f64 / rate as f64;
-                    if let Some(until) = Duration::try_from_secs_f64(due)
-                        .ok()
-                        .and_then(|due| started.checked_add(due))
-                    {
-                        tokio::time::sleep_until(until).await;
-                    }
+                    let seconds = started.elapsed().as_secs_f64();
+                    let wait = vram_residency::background::pacing_wait(
+                        entry.view.vram_bytes,
+                        seconds,
+                        rate,
+                    );
+                    tokio::time::sleep(wait).await;
                 }
             }
             // Evicted while the sweep ran.
