@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg as _};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 use vram_residency::backend::{Confinement, LaneMechanism, SmBudget};
+use vram_residency::background::{bytes_per_second, pacing_wait};
 
 use crate::error::{CudaError, Result};
 use crate::hasher::Hasher;
@@ -330,14 +331,12 @@ fn verify_until(
             }
             bytes = bytes.saturating_add(buffer.len());
             digests = digests.saturating_add(1);
-            if let Some(rate) = plan.and_then(|plan| plan.max_gb_per_s) {
-                // Idle until this digest's bytes fit the cap, as the background verifier does
+            let rate = plan.and_then(|plan| plan.max_gb_per_s.and_then(bytes_per_second));
+            if let Some(rate) = rate {
+                // Idle until this digest's bytes fit the cap, by the background verifier's rule
                 // (the scenario's time includes the last wait, so its rate stays within the cap).
-                let due = buffer.len() as f64 / (rate * 1e9);
-                let wait = due - digest_started.elapsed().as_secs_f64();
-                if let Ok(wait) = Duration::try_from_secs_f64(wait) {
-                    std::thread::sleep(wait);
-                }
+                let seconds = digest_started.elapsed().as_secs_f64();
+                std::thread::sleep(pacing_wait(buffer.len(), seconds, rate));
             }
         }
     }

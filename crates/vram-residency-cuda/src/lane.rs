@@ -269,15 +269,7 @@ impl Lane {
             })?;
             // SAFETY: the union's `smCount` member is the one an SM-count affinity holds.
             let granted = unsafe { granted.param.smCount.val };
-            let (module, functions) = load_module(ctx, ptx)?;
-            let stream = match low_priority_stream() {
-                Ok(stream) => stream,
-                Err(error) => {
-                    // SAFETY: loaded above, unused after this.
-                    let _ = unsafe { sys::cuModuleUnload(module) };
-                    return Err(error);
-                }
-            };
+            let (module, functions, stream) = load_module_with_stream(ctx, ptx)?;
             Ok(Self {
                 primary: Arc::clone(primary),
                 green: None,
@@ -307,15 +299,7 @@ impl Lane {
 
     fn bounded(primary: &Arc<CudaContext>, ptx: &str, sms: u32) -> Result<Self> {
         let ctx = primary.cu_ctx();
-        let (module, functions) = load_module(ctx, ptx)?;
-        let stream = match low_priority_stream() {
-            Ok(stream) => stream,
-            Err(error) => {
-                // SAFETY: loaded above, unused after this.
-                let _ = unsafe { sys::cuModuleUnload(module) };
-                return Err(error);
-            }
-        };
+        let (module, functions, stream) = load_module_with_stream(ctx, ptx)?;
         Ok(Self {
             primary: Arc::clone(primary),
             green: None,
@@ -471,6 +455,24 @@ fn load_module(ctx: sys::CUcontext, ptx: &str) -> Result<(sys::CUmodule, [sys::C
         }
     }
     Ok((module, functions))
+}
+
+/// [`load_module`] into `ctx`, then a lowest-priority non-blocking stream there; on failure
+/// nothing stays loaded. The MPS and bounded lanes use it (a green context makes its stream with
+/// `cuGreenCtxStreamCreate` instead).
+fn load_module_with_stream(
+    ctx: sys::CUcontext,
+    ptx: &str,
+) -> Result<(sys::CUmodule, [sys::CUfunction; 2], sys::CUstream)> {
+    let (module, functions) = load_module(ctx, ptx)?;
+    match low_priority_stream() {
+        Ok(stream) => Ok((module, functions, stream)),
+        Err(error) => {
+            // SAFETY: loaded above, unused after this.
+            let _ = unsafe { sys::cuModuleUnload(module) };
+            Err(error)
+        }
+    }
 }
 
 /// The driver's CUDA version, e.g. 13000.
