@@ -12,7 +12,7 @@ use crate::device::Device;
 use crate::error::Result;
 use crate::kernels::{self, HashKernels};
 use crate::lane::Lane;
-use crate::tree::{self, Workspace};
+use crate::tree::{self, Workspace, WorkspaceSize};
 use crate::vram::VramBuffer;
 
 /// Workspaces kept per device.
@@ -71,16 +71,16 @@ impl Hasher {
 
     /// A pooled workspace with room for a shard of `len` bytes, or a new one.
     fn take_workspace(&self, len: u64) -> Result<Workspace> {
-        let bytes = tree::workspace_bytes(len);
+        let size = WorkspaceSize::for_len(len);
         let pooled = {
             let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
             pool.iter()
-                .position(|w| w.bytes() >= bytes)
+                .position(|w| w.fits(size))
                 .map(|index| pool.swap_remove(index))
         };
         match pooled {
             Some(workspace) => Ok(workspace),
-            None => Workspace::new(&self.device.ctx, bytes),
+            None => Workspace::new(&self.device.ctx, size),
         }
     }
 
@@ -92,7 +92,7 @@ impl Hasher {
             && let Some(smallest) = pool
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, w)| w.bytes())
+                .min_by_key(|(_, w)| w.size().device)
                 .map(|(index, _)| index)
         {
             drop(pool.swap_remove(smallest));
@@ -107,8 +107,8 @@ impl Hasher {
     pub fn measure(&self, buffer: &VramBuffer) -> Result<TreeDigest> {
         let (_, kernels) = self.kernels()?;
         self.device.bind()?;
-        let workspace = self.take_workspace(buffer.len())?;
-        let (reusable, measured) = tree::measure(&kernels, &workspace, buffer);
+        let mut workspace = self.take_workspace(buffer.len())?;
+        let (reusable, measured) = tree::measure(&kernels, &mut workspace, buffer);
         if reusable {
             self.give_back(workspace);
         }
@@ -128,8 +128,8 @@ impl Hasher {
         let lane = self.lane(budget)?;
         let lane = lane.lock().unwrap_or_else(PoisonError::into_inner);
         self.device.bind()?;
-        let workspace = self.take_workspace(buffer.len())?;
-        let measured = tree::measure_on_lane(&*lane, &workspace, buffer);
+        let mut workspace = self.take_workspace(buffer.len())?;
+        let measured = tree::measure_on_lane(&*lane, &mut workspace, buffer);
         self.device.bind()?;
         // Reused only when the lane drained cleanly (a failed lane may still hold work on it).
         if measured.is_ok() {

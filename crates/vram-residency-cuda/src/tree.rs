@@ -7,31 +7,37 @@
 //!       and the SHA-256 of the 256-byte fs-verity descriptor -> digest
 //! ```
 //!
-//! The shard is processed in windows (a multiple of 512 KiB each) alternating between two streams,
-//! so one window's level-1 pass and the next window's data pass overlap and the GPU never drains
-//! between them. The levels above level 1 are hashed on the host from the level-1 array, which is
-//! copied back anyway (for localising damage): on the GPU each of those levels costs about 100 µs
-//! whatever its size (one thread hashes one 4 KiB block serially; measured on the H200), on the
-//! host a few tens of µs for a 1 GiB shard. Scratch VRAM: two window-sized hash buffers
-//! (`2 × window / 128`, at most `len / 256 + 8 KiB` for shards over 2 MiB) and the level-1 array
-//! (`len / 16384`): together well under `len / 128`, plus a small constant. It lives in one
-//! allocation with two streams (a [`Workspace`]), kept per device for reuse by
+//! A shard of up to 4 GiB is one window: one data pass, then one level-1 pass. A larger shard is
+//! cut into windows of 2 to 4 GiB (a multiple of 512 KiB each) alternating between two streams, so
+//! one window's level-1 pass and the next window's data pass overlap and the GPU never drains
+//! between them. Smaller windows do not pay: a level-1 pass takes about 100 µs whatever its size
+//! (each thread hashes one 4 KiB block serially), and with windows of 256 MiB the next data pass on
+//! its stream waited for it (1 GiB on the H200, 2026-12-03, a cupy emulation of these passes: 735
+//! GB/s in four windows, 777 in one). The levels above level 1 are hashed on the host from the
+//! level-1 array, which is copied back anyway (for localising damage) into a page-locked buffer:
+//! on the GPU each of those levels would cost another 100 µs, on the host a few tens of µs for a
+//! 1 GiB shard. Scratch VRAM: the window's data-block hashes (`window / 128`; two such buffers when
+//! there are several windows, at most `len / 256 + 8 KiB` together) and the level-1 array
+//! (`len / 16384`): at most `len / 128 + len / 16384`, plus a small constant. It lives in one
+//! allocation with two streams and the host buffer (a [`Workspace`]), kept per device for reuse by
 //! [`crate::hasher::Hasher`], so a verification allocates and frees nothing. A confined lane
 //! ([`crate::lane`]) runs the same passes on one stream ([`measure_on_lane`]).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaStream};
 use vram_residency::digest::{HASH_SIZE, LEVEL1_SPAN, TreeDigest};
 
 use crate::error::{CudaError, Result};
-use crate::kernels::{HashKernels, launch_hash_blocks};
+use crate::kernels::{HashKernels, LEVEL_THREADS_PER_BLOCK, THREADS_PER_BLOCK, launch_hash_blocks};
+use crate::pinned::PinnedBuffer;
 use crate::vram::VramBuffer;
 
 const BLOCK: u64 = 4096;
 const SPAN: u64 = LEVEL1_SPAN as u64;
 const HASH: u64 = HASH_SIZE as u64;
-/// Largest window: 4 GiB of data per kernel launch.
+/// Largest window: 4 GiB of data per kernel launch (larger shards: windows of 2 to 4 GiB).
 const MAX_WINDOW: u64 = 4 << 30;
 /// Shards up to this size are hashed in one window.
 const SINGLE_WINDOW_MAX: u64 = 2 << 20;
@@ -53,7 +59,7 @@ impl WindowPlan {
                 count: 1,
             };
         }
-        let count = len.div_ceil(MAX_WINDOW).max(4);
+        let count = len.div_ceil(MAX_WINDOW);
         let window = len.div_ceil(count).next_multiple_of(SPAN);
         Self {
             window,
@@ -76,31 +82,56 @@ struct Layout {
 }
 
 impl Layout {
+    /// One scratch area for a single window, two (one per stream) for several.
     fn for_plan(plan: &WindowPlan, level1_count: u64) -> Self {
         let aligned = |n: u64| n.max(1).next_multiple_of(256);
         let scratch = aligned(plan.scratch_bytes());
         let level1_bytes = aligned(level1_count.saturating_mul(HASH));
-        let level1 = scratch.saturating_mul(2);
+        let (second, level1) = if plan.count > 1 {
+            (scratch, scratch.saturating_mul(2))
+        } else {
+            (0, scratch)
+        };
         Self {
-            scratch: [0, scratch],
+            scratch: [0, second],
             level1,
             total: level1.saturating_add(level1_bytes),
         }
     }
 }
 
-/// Two streams and one scratch allocation, kept per device for reuse by
-/// [`crate::hasher::Hasher`]: a verification then allocates, frees and creates nothing (allocation
-/// and free cost time, and a free synchronises the device).
+/// What a workspace must hold to measure a shard of some length: device scratch bytes, and host
+/// bytes for the level-1 hashes copied back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WorkspaceSize {
+    pub device: u64,
+    pub host: usize,
+}
+
+impl WorkspaceSize {
+    /// The sizes for a shard of `len` bytes.
+    pub(crate) fn for_len(len: u64) -> Self {
+        let level1_count = len.div_ceil(SPAN);
+        Self {
+            device: Layout::for_plan(&WindowPlan::for_len(len), level1_count).total,
+            host: usize::try_from(level1_count.max(1).saturating_mul(HASH)).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// Two streams, one scratch allocation and a page-locked host buffer for the level-1 hashes, kept
+/// per device for reuse by [`crate::hasher::Hasher`]: a verification then allocates, frees and
+/// creates nothing (allocation and free cost time, and a free synchronises the device).
 pub(crate) struct Workspace {
     main: Arc<CudaStream>,
     second: Arc<CudaStream>,
     arena: VramBuffer,
+    host: PinnedBuffer,
 }
 
 impl Workspace {
-    /// A new workspace with `bytes` of scratch on `ctx`.
-    pub(crate) fn new(ctx: &Arc<CudaContext>, bytes: u64) -> Result<Self> {
+    /// A new workspace of `size` on `ctx`.
+    pub(crate) fn new(ctx: &Arc<CudaContext>, size: WorkspaceSize) -> Result<Self> {
         let stream = || {
             ctx.new_stream()
                 .map_err(CudaError::driver("cuStreamCreate"))
@@ -108,30 +139,41 @@ impl Workspace {
         Ok(Self {
             main: stream()?,
             second: stream()?,
-            arena: VramBuffer::alloc(ctx, bytes)?,
+            arena: VramBuffer::alloc(ctx, size.device)?,
+            host: PinnedBuffer::alloc(ctx, size.host.max(HASH_SIZE))?,
         })
     }
 
-    /// Bytes of scratch.
-    pub(crate) const fn bytes(&self) -> u64 {
-        self.arena.len()
+    /// What it holds.
+    pub(crate) const fn size(&self) -> WorkspaceSize {
+        WorkspaceSize {
+            device: self.arena.len(),
+            host: self.host.len(),
+        }
     }
 
-    /// Copies scratch bytes to the host on the main stream, after what is queued there (not on
-    /// the legacy default stream: see [`VramBuffer::read_on`]).
-    fn read(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+    /// Whether it can measure a shard that needs `size`.
+    pub(crate) const fn fits(&self, size: WorkspaceSize) -> bool {
+        self.arena.len() >= size.device && self.host.len() >= size.host
+    }
+
+    /// Copies `count` level-1 hashes at scratch `offset` into the host buffer on the main stream,
+    /// after what is queued there (not on the legacy default stream: see
+    /// [`VramBuffer::read_on`]), and returns them.
+    fn read_level1(&mut self, offset: u64, count: u64) -> Result<Vec<[u8; HASH_SIZE]>> {
         self.main
             .context()
             .bind_to_thread()
             .map_err(CudaError::driver("cuCtxSetCurrent"))?;
-        // SAFETY: `main` is this workspace's live stream, of the context made current above.
-        unsafe { self.arena.read_on(self.main.cu_stream(), offset, dst) }
+        let (main, arena) = (self.main.cu_stream(), &self.arena);
+        read_level1(
+            // SAFETY: `main` is this workspace's live stream, of the context made current above.
+            &mut |offset, dst| unsafe { arena.read_on(main, offset, dst) },
+            &mut self.host,
+            offset,
+            count,
+        )
     }
-}
-
-/// Scratch bytes a workspace needs to measure a shard of `len` bytes.
-pub(crate) fn workspace_bytes(len: u64) -> u64 {
-    Layout::for_plan(&WindowPlan::for_len(len), len.div_ceil(SPAN)).total
 }
 
 /// A place to queue the kernel other than a workspace's two streams: a confined lane
@@ -155,7 +197,7 @@ pub(crate) trait Launcher {
 /// stream, `arena` (a workspace's scratch) for the block and level-1 hashes.
 pub(crate) fn measure_on_lane(
     lane: &dyn Launcher,
-    workspace: &Workspace,
+    workspace: &mut Workspace,
     buffer: &VramBuffer,
 ) -> Result<TreeDigest> {
     let len = buffer.len();
@@ -198,36 +240,65 @@ pub(crate) fn measure_on_lane(
     queued?;
     synced?;
     let level1 = read_level1(
-        &|offset, dst| lane.read(arena, offset, dst),
+        &mut |offset, dst| lane.read(arena, offset, dst),
+        &mut workspace.host,
         layout.level1,
         len.div_ceil(SPAN),
     )?;
     TreeDigest::from_level1(level1, len).map_err(|_| CudaError::Internal("level-1 count"))
 }
 
-/// Measures the fs-verity digest of `buffer` with `kernels` on `workspace` (which must have
-/// [`workspace_bytes`] of scratch). Returns whether the workspace may be reused (its streams are
-/// idle) with the result.
+/// Measures the fs-verity digest of `buffer` with `kernels` on `workspace` (which must fit
+/// [`WorkspaceSize::for_len`]). Returns whether the workspace may be reused (its streams are idle)
+/// with the result. Logs (debug) where the time went.
 ///
 /// # Errors
 /// [`CudaError::Driver`] on a failed launch or copy.
 pub(crate) fn measure(
     kernels: &HashKernels,
-    workspace: &Workspace,
+    workspace: &mut Workspace,
     buffer: &VramBuffer,
 ) -> (bool, Result<TreeDigest>) {
+    let started = Instant::now();
     let len = buffer.len();
     let plan = WindowPlan::for_len(len);
     let level1_count = len.div_ceil(SPAN);
     let layout = Layout::for_plan(&plan, level1_count);
-    if workspace.arena.len() < layout.total {
+    if !workspace.fits(WorkspaceSize::for_len(len)) {
         return (true, Err(CudaError::Internal("workspace too small")));
     }
-    let measured = measure_in(kernels, buffer, &plan, &layout, workspace);
+    let mut times = Times::default();
+    let measured = measure_in(kernels, buffer, &plan, &layout, workspace, &mut times);
     // Whatever happened, nothing may still run on the workspace when it is reused or freed.
     let synced = sync(&workspace.second).and(sync(&workspace.main));
     let reusable = synced.is_ok();
-    (reusable, finish(measured, synced, len))
+    let copied = Instant::now();
+    let digest = finish(measured, synced, len);
+    tracing::debug!(
+        bytes = len,
+        windows = plan.count,
+        queue_us = times
+            .queued
+            .map(|at| micros(at.saturating_duration_since(started))),
+        gpu_us = times
+            .synced
+            .map(|at| micros(at.saturating_duration_since(started))),
+        copied_us = micros(copied.saturating_duration_since(started)),
+        total_us = micros(started.elapsed()),
+        "digest timings (from the start: passes queued, GPU done, level 1 copied back, digest)"
+    );
+    (reusable, digest)
+}
+
+/// When the stages of one [`measure`] ended.
+#[derive(Default)]
+struct Times {
+    queued: Option<Instant>,
+    synced: Option<Instant>,
+}
+
+fn micros(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn finish(
@@ -248,33 +319,42 @@ fn measure_in(
     buffer: &VramBuffer,
     plan: &WindowPlan,
     layout: &Layout,
-    workspace: &Workspace,
+    workspace: &mut Workspace,
+    times: &mut Times,
 ) -> Result<Vec<[u8; HASH_SIZE]>> {
     let len = buffer.len();
-    let arena = &workspace.arena;
     if len.div_ceil(BLOCK) <= 1 {
         // fs-verity: the tree of a single block is empty and the root is that block's hash.
-        let out = arena.checked_range(0, HASH)?;
+        let out = workspace.arena.checked_range(0, HASH)?;
         // SAFETY: `buffer` holds `len` bytes and `out` has room for the 32 = 32 * ceil(len / 4096)
         // output bytes (checked_range); both live on this context; the stream is synchronised
         // before the hash is read and before the workspace is reused or freed.
-        unsafe { launch_hash_blocks(function, &workspace.main, buffer.device_ptr(), len, out) }?;
-        return read_level1(&|offset, dst| workspace.read(offset, dst), 0, 1);
+        unsafe {
+            launch_hash_blocks(
+                function,
+                &workspace.main,
+                buffer.device_ptr(),
+                len,
+                out,
+                THREADS_PER_BLOCK,
+            )
+        }?;
+        return workspace.read_level1(0, 1);
     }
     let streams: [&Arc<CudaStream>; 2] = [&workspace.main, &workspace.second];
-    queue_windows(function, buffer, plan, layout, &streams, arena)?;
+    queue_windows(function, buffer, plan, layout, &streams, &workspace.arena)?;
+    times.queued = Some(Instant::now());
     sync(&workspace.second)?;
-    read_level1(
-        &|offset, dst| workspace.read(offset, dst),
-        layout.level1,
-        len.div_ceil(SPAN),
-    )
+    sync(&workspace.main)?;
+    times.synced = Some(Instant::now());
+    workspace.read_level1(layout.level1, len.div_ceil(SPAN))
 }
 
-/// Copies `count` level-1 hashes back from the scratch at `offset` with `read` (after the other
-/// streams that wrote them were synchronised; `read` copies on, and waits for, its own).
+/// Copies `count` level-1 hashes back from the scratch at `offset` into `host` with `read` (after
+/// the other streams that wrote them were synchronised; `read` copies on, and waits for, its own).
 fn read_level1(
-    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    host: &mut PinnedBuffer,
     offset: u64,
     count: u64,
 ) -> Result<Vec<[u8; HASH_SIZE]>> {
@@ -282,8 +362,11 @@ fn read_level1(
         usize::try_from(count.saturating_mul(HASH)).map_err(|_| CudaError::OutOfBounds {
             what: "level-1 size",
         })?;
-    let mut hashes = vec![0u8; bytes];
-    read(offset, &mut hashes)?;
+    let hashes = host
+        .as_mut_slice()
+        .get_mut(..bytes)
+        .ok_or(CudaError::Internal("level-1 host buffer too small"))?;
+    read(offset, hashes)?;
     Ok(hashes
         .chunks_exact(HASH_SIZE)
         .map(|h| {
@@ -327,8 +410,22 @@ fn queue_windows(
         // stream, so stream order keeps it from being overwritten early; the caller synchronises
         // both streams before reading the results or reusing the workspace.
         unsafe {
-            launch_hash_blocks(function, stream, data, window_len, scratch_ptr)?;
-            launch_hash_blocks(function, stream, scratch_ptr, block_hashes, out)?;
+            launch_hash_blocks(
+                function,
+                stream,
+                data,
+                window_len,
+                scratch_ptr,
+                THREADS_PER_BLOCK,
+            )?;
+            launch_hash_blocks(
+                function,
+                stream,
+                scratch_ptr,
+                block_hashes,
+                out,
+                LEVEL_THREADS_PER_BLOCK,
+            )?;
         }
     }
     Ok(())
@@ -345,7 +442,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_cover_the_shard_in_512k_multiples_and_scratch_stays_under_len_over_128() {
+    fn windows_cover_the_shard_in_512k_multiples_and_scratch_stays_near_len_over_128() {
         for len in [
             1u64,
             4096,
@@ -353,6 +450,8 @@ mod tests {
             SINGLE_WINDOW_MAX + 1,
             3 << 20,
             (1 << 30) + 12345,
+            4 << 30,
+            (4 << 30) + 1,
             16 << 30,
             (70 << 30) + 7,
         ] {
@@ -365,15 +464,24 @@ mod tests {
                 plan.window.saturating_mul(plan.count - 1) < len,
                 "{len}: a window is empty: {plan:?}"
             );
-            if plan.count > 1 {
+            let layout = Layout::for_plan(&plan, len.div_ceil(SPAN));
+            assert!(
+                layout.total <= len / 128 + len / 16384 + 64 * 1024,
+                "{len}: {layout:?}"
+            );
+            assert!(layout.total >= layout.level1 + len.div_ceil(SPAN) * HASH);
+            if len > SINGLE_WINDOW_MAX {
                 assert_eq!(plan.window % SPAN, 0, "{len}: {plan:?}");
+            }
+            if len <= MAX_WINDOW {
+                assert_eq!(plan.count, 1, "{len}: {plan:?}");
+                assert!(layout.level1 >= plan.scratch_bytes(), "{len}: {layout:?}");
+            } else {
                 assert!(plan.window <= MAX_WINDOW, "{len}: {plan:?}");
-                let layout = Layout::for_plan(&plan, len.div_ceil(SPAN));
-                assert!(layout.total <= len / 128 + 64 * 1024, "{len}: {layout:?}");
+                assert!(plan.window >= MAX_WINDOW / 2, "{len}: {plan:?}");
                 // The areas are in order and do not overlap.
                 assert!(layout.scratch[1] >= plan.scratch_bytes());
                 assert!(layout.level1 >= layout.scratch[1] + plan.scratch_bytes());
-                assert!(layout.total >= layout.level1 + len.div_ceil(SPAN) * HASH);
             }
         }
     }
