@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use vram_residency::backend::AllocationId;
 use vram_residency::{
-    Backend, BackendKind, DeviceBuffer, DeviceInfo, Residency, TreeDigest, VramError, Weights,
+    Backend, BackendKind, DeviceBuffer, DeviceInfo, Digest, Residency, TreeDigest, VramError,
+    Weights,
     backend::{Confinement, SmBudget, image_padding},
 };
 
@@ -280,6 +281,10 @@ impl DeviceBuffer for CudaShard {
 
     fn tree_digest(&self) -> vram_residency::Result<TreeDigest> {
         Ok(self.hasher.measure(&self.buffer)?)
+    }
+
+    fn digest(&self) -> vram_residency::Result<Digest> {
+        Ok(self.hasher.digest(&self.buffer)?)
     }
 
     fn tree_digest_within(

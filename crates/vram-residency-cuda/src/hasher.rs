@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vram_residency::backend::{Confinement, SmBudget};
-use vram_residency::digest::TreeDigest;
+use vram_residency::digest::{Digest, TreeDigest};
 
 use crate::device::Device;
 use crate::error::Result;
@@ -109,6 +109,22 @@ impl Hasher {
         self.device.bind()?;
         let mut workspace = self.take_workspace(buffer.len())?;
         let (reusable, measured) = tree::measure(&kernels, &mut workspace, buffer);
+        if reusable {
+            self.give_back(workspace);
+        }
+        measured
+    }
+
+    /// The fs-verity digest of `buffer` alone: [`measure`](Self::measure) without copying the
+    /// level-1 hashes back (for a shard of several windows, level 2 is hashed on the GPU too).
+    ///
+    /// # Errors
+    /// As [`measure`](Self::measure).
+    pub fn digest(&self, buffer: &VramBuffer) -> Result<Digest> {
+        let (_, kernels) = self.kernels()?;
+        self.device.bind()?;
+        let mut workspace = self.take_workspace(buffer.len())?;
+        let (reusable, measured) = tree::measure_digest(&kernels, &mut workspace, buffer);
         if reusable {
             self.give_back(workspace);
         }

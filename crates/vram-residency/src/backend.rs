@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io::Read;
 
-use crate::digest::TreeDigest;
+use crate::digest::{Digest, TreeDigest};
 use crate::error::{Result, VramError};
 pub use crate::weights::Weights;
 
@@ -262,6 +262,18 @@ pub trait DeviceBuffer: Send + Sync {
     /// # Errors
     /// Backend errors.
     fn tree_digest(&self) -> Result<TreeDigest>;
+
+    /// The fs-verity digest alone: what a verification needs while the shard is intact. A backend
+    /// may compute it faster than [`tree_digest`](Self::tree_digest) (the CUDA backend hashes a
+    /// level more on the GPU and copies back 32 bytes per 64 MiB instead of per 512 KiB); the
+    /// manager asks for the whole tree only after a mismatch, to localise the damage. The default
+    /// is the digest of [`tree_digest`](Self::tree_digest).
+    ///
+    /// # Errors
+    /// Backend errors.
+    fn digest(&self) -> Result<Digest> {
+        Ok(self.tree_digest()?.digest())
+    }
 
     /// [`tree_digest`](Self::tree_digest) confined to `budget` (for background verification
     /// beside a running model), and how it was confined. The default (a backend with no GPU to

@@ -69,7 +69,7 @@ impl TreeDigest {
     /// [`VramError::MalformedRecord`] when the number of level-1 hashes does not fit `data_size`.
     pub fn from_level1(level1: Vec<Hash32>, data_size: u64) -> Result<Self> {
         check_level1_count(&level1, data_size)?;
-        let root_hash = root_from_level1(&level1);
+        let root_hash = root_from_level(&level1);
         Ok(Self {
             digest: descriptor_digest(&root_hash, data_size),
             root_hash,
@@ -152,6 +152,38 @@ fn check_level1_count(level1: &[Hash32], data_size: u64) -> Result<()> {
     })
 }
 
+/// The file digest from the hashes of one level of the tree: `level` 1 (one hash per 512 KiB of
+/// data, as [`TreeDigest::from_level1`] takes them) or a level above it, which holds
+/// `ceil(n / 128)` hashes for the `n` of the level below and exists only where that level has two
+/// or more. This is how a device backend that hashes the lower levels itself finishes a
+/// verification without copying the level-1 hashes back (it needs them only to localise damage).
+///
+/// # Errors
+/// [`VramError::MalformedRecord`] when `data_size` has no such level or the number of hashes does
+/// not fit it.
+pub fn digest_from_level(hashes: &[Hash32], level: u32, data_size: u64) -> Result<Digest> {
+    let mut expected = level1_count(data_size)?;
+    for _ in 1..level {
+        if expected < 2 {
+            return Err(VramError::MalformedRecord {
+                what: "hash level",
+                reason: format!("a tree of {data_size} bytes has no level {level}"),
+            });
+        }
+        expected = expected.div_ceil(HASHES_PER_BLOCK as u64);
+    }
+    if level == 0 || u64::try_from(hashes.len()).ok() != Some(expected) {
+        return Err(VramError::MalformedRecord {
+            what: "hash level",
+            reason: format!(
+                "{} hashes given for level {level}, {expected} expected for {data_size} bytes",
+                hashes.len()
+            ),
+        });
+    }
+    Ok(descriptor_digest(&root_from_level(hashes), data_size))
+}
+
 /// Number of level-1 hashes for `data_size` bytes: `ceil(data_size / 512 KiB)`.
 ///
 /// # Errors
@@ -182,6 +214,15 @@ fn hash_block_hash<'a>(hashes: impl Iterator<Item = &'a Hash32>) -> Hash32 {
     Sha256::digest(block).into()
 }
 
+/// [`hash_block_hash`] of a slice of hashes: a full block is hashed where it lies, without a copy.
+fn hash_block_of(hashes: &[Hash32]) -> Hash32 {
+    if hashes.len() == HASHES_PER_BLOCK {
+        Sha256::digest(hashes.as_flattened()).into()
+    } else {
+        hash_block_hash(hashes.iter())
+    }
+}
+
 /// The level-1 hash of one unit of at most 512 KiB of data (its last block zero-padded).
 #[must_use]
 pub fn level1_hash(unit: &[u8]) -> Hash32 {
@@ -205,21 +246,30 @@ pub fn level1_hashes(chunk: &[u8], is_entire_input: bool) -> Vec<Hash32> {
     chunk.par_chunks(LEVEL1_SPAN).map(level1_hash).collect()
 }
 
-/// Hashes the levels above level 1 until one hash remains. All zeros for an empty list (empty file).
-fn root_from_level1(level1: &[Hash32]) -> Hash32 {
-    let mut level: Vec<Hash32> = level1.to_vec();
+/// Hashes the levels above `level` (the level-1 hashes or any level above) until one hash remains.
+/// All zeros for an empty list (empty file).
+fn root_from_level(level: &[Hash32]) -> Hash32 {
+    let mut above = match level {
+        [] => return [0u8; HASH_SIZE],
+        [root] => return *root,
+        _ => hash_level(level),
+    };
     loop {
-        match level.as_slice() {
-            [] => return [0u8; HASH_SIZE],
+        match above.as_slice() {
             [root] => return *root,
-            _ => {
-                level = level
-                    .par_chunks(HASHES_PER_BLOCK)
-                    .map(|chunk| hash_block_hash(chunk.iter()))
-                    .collect();
-            }
+            level => above = hash_level(level),
         }
     }
+}
+
+/// The level above `level`: its hash blocks hashed in parallel, at least four blocks per task (the
+/// 16 blocks of a 1 GiB shard's level 2 are not worth waking 16 threads for).
+fn hash_level(level: &[Hash32]) -> Vec<Hash32> {
+    level
+        .par_chunks(HASHES_PER_BLOCK)
+        .with_min_len(4)
+        .map(hash_block_of)
+        .collect()
 }
 
 /// SHA-256 of the fs-verity v1 descriptor for this root hash and size.
@@ -363,6 +413,61 @@ pub fn read_full<R: Read + ?Sized>(reader: &mut R, buffer: &mut [u8]) -> std::io
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One level up, written out independently of `hash_level`: each run of up to 128 hashes
+    /// packed into a zero-padded 4096-byte block and hashed.
+    fn level_above(level: &[Hash32]) -> Vec<Hash32> {
+        level
+            .chunks(HASHES_PER_BLOCK)
+            .map(|run| {
+                let mut block = vec![0u8; BLOCK_SIZE];
+                for (i, hash) in run.iter().enumerate() {
+                    block[i * HASH_SIZE..(i + 1) * HASH_SIZE].copy_from_slice(hash);
+                }
+                Sha256::digest(&block).into()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_digest_from_any_level_equals_the_digest_from_level_1() {
+        let span = LEVEL1_SPAN as u64;
+        // Level-1 counts 1, 2, 128, 129, 16384 + 5 (three levels above level 1).
+        for size in [
+            4096,
+            span + 1,
+            128 * span,
+            128 * span + 7,
+            (16_384 + 5) * span - 3,
+        ] {
+            let count = level1_count(size).unwrap() as usize;
+            let level1: Vec<Hash32> = (0..count)
+                .map(|i| Sha256::digest((i as u64).to_le_bytes()).into())
+                .collect();
+            let want = TreeDigest::from_level1(level1.clone(), size)
+                .unwrap()
+                .digest();
+            assert_eq!(digest_from_level(&level1, 1, size).unwrap(), want);
+            let mut level = level1;
+            let mut index = 1;
+            while level.len() > 1 {
+                level = level_above(&level);
+                index += 1;
+                assert_eq!(
+                    digest_from_level(&level, index, size).unwrap(),
+                    want,
+                    "{size} bytes, level {index}"
+                );
+            }
+            // The level above the root's does not exist; nor does level 0.
+            assert!(digest_from_level(&level, index + 1, size).is_err());
+            assert!(digest_from_level(&level, 0, size).is_err());
+        }
+        // A count that does not fit the size is refused.
+        let two = [[1u8; HASH_SIZE], [2u8; HASH_SIZE]];
+        assert!(digest_from_level(&two, 1, 4096).is_err());
+        assert!(digest_from_level(&two[..1], 2, 129 * span).is_err());
+    }
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len as u64)

@@ -22,10 +22,10 @@ use crate::backend::{
     Residency, SmBudget,
 };
 use crate::capacity::{Capacity, CapacityLedger};
-use crate::digest::Digest;
+use crate::digest::{Digest, TreeDigest};
 use crate::error::{Result, VramError};
 use crate::format::{FormatChoice, ModelFormat, TensorTable, read_tensor_table_as};
-use crate::ids::{ShardId, unix_nanos};
+use crate::ids::{ByteRange, ShardId, unix_nanos};
 use crate::keys::{KeySet, PublicKey, Tag, WorkerToken};
 use crate::model_attestation::{AttestedShard, ModelAttestation};
 use crate::model_seal::{MAX_MODEL_SHARDS, ModelSealRecord, ModelShardEntry, SealedModel};
@@ -727,12 +727,17 @@ impl VramManager {
         self.check_owner(shard)?;
         self.check_seal(shard)?;
         let residency = self.check_residency(shard.record.gpu_device, shard.buffer.residency()?)?;
-        let (now, confinement) = match budget {
-            Some(budget) => shard.buffer.tree_digest_within(budget)?,
-            None => (shard.buffer.tree_digest()?, Confinement::Unconfined),
+        // The digest alone while the shard is intact (the fast path); the whole tree, to localise
+        // the damage, only after a mismatch (see `damaged_ranges`).
+        let (now, tree, confinement) = match budget {
+            Some(budget) => {
+                let (tree, how) = shard.buffer.tree_digest_within(budget)?;
+                (tree.digest(), Some(tree), how)
+            }
+            None => (shard.buffer.digest()?, None, Confinement::Unconfined),
         };
-        if now.digest() != shard.record.digest {
-            let damaged = shard.sealed_tree.damaged_ranges(&now);
+        if now != shard.record.digest {
+            let damaged = damaged_ranges(shard, tree);
             let tensors = shard.tensors_in(&damaged);
             return Err(self.incident(
                 AuditEvent::SealVerificationFailed {
@@ -757,7 +762,7 @@ impl VramManager {
         Ok((
             VerifyReport {
                 shard_id: shard.record.shard_id.clone(),
-                digest: now.digest(),
+                digest: now,
                 vram_bytes: shard.record.vram_bytes,
                 elapsed: started.elapsed(),
                 backend: shard.record.backend,
@@ -1408,6 +1413,28 @@ impl VramManager {
             tracing::error!(%error, "audit sink failed while recording a failure event");
         }
     }
+}
+
+/// The 512 KiB ranges where `shard` differs from its seal, after its digest did not match: from
+/// `tree` when the failed measurement was a whole tree, else from a fresh one. The whole shard when
+/// that measurement fails or finds no difference (the damage was seen once and is reported, even
+/// if it is gone or hidden now).
+fn damaged_ranges(shard: &SealedShard, tree: Option<TreeDigest>) -> Vec<ByteRange> {
+    let whole = || {
+        vec![ByteRange {
+            start: 0,
+            end: shard.record.vram_bytes,
+        }]
+    };
+    let tree = match tree.map_or_else(|| shard.buffer.tree_digest(), Ok) {
+        Ok(tree) => tree,
+        Err(error) => {
+            tracing::error!(%error, "the measurement to localise damage failed");
+            return whole();
+        }
+    };
+    let ranges = shard.sealed_tree.damaged_ranges(&tree);
+    if ranges.is_empty() { whole() } else { ranges }
 }
 
 /// A duration in whole nanoseconds, saturating.

@@ -214,9 +214,28 @@ fn gpu_digest_of_a_multi_gib_shard_equals_cpu_and_fsverity() {
         fsverity_digest(&path),
         "GPU vs fsverity"
     );
+    // A verification of several windows hashes level 2 on the GPU and copies back only that.
     let report = manager.verify_sealed(&shard).unwrap();
     assert_eq!(report.digest, cpu.digest());
     assert_eq!(report.residency, Residency::DeviceMemory);
+    // A flip in the last window: found by that digest, localised by the whole tree measured next.
+    let byte = size - (1 << 20) - 3;
+    gpu.backend
+        .flip_bit(shard.allocation_id(), byte * 8 + 5)
+        .unwrap();
+    match manager.verify_sealed(&shard) {
+        Err(VramError::Corruption { damaged, .. }) => {
+            let span = LEVEL1_SPAN as u64;
+            let start = byte / span * span;
+            assert_eq!(damaged.len(), 1, "{damaged:?}");
+            assert_eq!((damaged[0].start, damaged[0].end), (start, start + span));
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+    gpu.backend
+        .flip_bit(shard.allocation_id(), byte * 8 + 5)
+        .unwrap();
+    assert_eq!(manager.verify_sealed(&shard).unwrap().digest, cpu.digest());
     manager.deallocate(shard).unwrap();
     drop(manager);
     assert_no_leak(
