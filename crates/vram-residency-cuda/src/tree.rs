@@ -271,12 +271,10 @@ pub(crate) fn measure(
     workspace: &mut Workspace,
     buffer: &VramBuffer,
 ) -> (bool, Result<TreeDigest>) {
-    let (reusable, measured) = run(kernels, workspace, buffer, Want::Tree);
-    let tree = measured.and_then(|measured| match measured {
-        Measured::Tree(tree) => Ok(tree),
-        Measured::Digest(_) => Err(CudaError::Internal("a digest where a tree was asked for")),
-    });
-    (reusable, tree)
+    let len = buffer.len();
+    run(kernels, workspace, buffer, Want::Tree, |level1, _| {
+        TreeDigest::from_level1(level1.to_vec(), len)
+    })
 }
 
 /// [`measure`] for the digest alone: for a shard of several windows the level-2 hashes are
@@ -290,33 +288,28 @@ pub(crate) fn measure_digest(
     workspace: &mut Workspace,
     buffer: &VramBuffer,
 ) -> (bool, Result<Digest>) {
-    let (reusable, measured) = run(kernels, workspace, buffer, Want::Digest);
-    let digest = measured.map(|measured| match measured {
-        Measured::Tree(tree) => tree.digest(),
-        Measured::Digest(digest) => digest,
-    });
-    (reusable, digest)
+    let len = buffer.len();
+    run(kernels, workspace, buffer, Want::Digest, |hashes, level| {
+        digest_from_level(hashes, level, len)
+    })
 }
 
-/// What a measurement hands back.
+/// What a measurement hands back: the whole tree (level 1 copied back), or the digest alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
     Tree,
     Digest,
 }
 
-enum Measured {
-    Tree(TreeDigest),
-    Digest(Digest),
-}
-
-/// The GPU passes, then the rest on the host; logs (debug) where the time went.
-fn run(
+/// The GPU passes, then `finish` on the host with the hashes of the level they ended with and that
+/// level's number (the levels above, see the module docs); logs (debug) where the time went.
+fn run<T>(
     kernels: &HashKernels,
     workspace: &mut Workspace,
     buffer: &VramBuffer,
     want: Want,
-) -> (bool, Result<Measured>) {
+    finish: impl FnOnce(&[Hash32], u32) -> vram_residency::Result<T>,
+) -> (bool, Result<T>) {
     let started = Instant::now();
     let len = buffer.len();
     let plan = WindowPlan::for_len(len);
@@ -335,12 +328,8 @@ fn run(
         synced?;
         let hashes = workspace.read_hashes(top.offset, top.count)?;
         copied_at = Instant::now();
-        // The levels above, on the host (see the module docs).
-        match want {
-            Want::Tree => TreeDigest::from_level1(hashes.to_vec(), len).map(Measured::Tree),
-            Want::Digest => digest_from_level(hashes, top.level, len).map(Measured::Digest),
-        }
-        .map_err(|_| CudaError::Internal("hash count of the level copied back"))
+        finish(hashes, top.level)
+            .map_err(|_| CudaError::Internal("hash count of the level copied back"))
     });
     let since = |at: Instant| micros(at.saturating_duration_since(started));
     tracing::debug!(

@@ -205,29 +205,17 @@ fn data_block_hash(block: &[u8]) -> Hash32 {
 
 static ZERO_BLOCK: [u8; BLOCK_SIZE] = [0u8; BLOCK_SIZE];
 
-/// SHA-256 of a hash block holding `hashes` (at most 128), zero-padded to 4096 bytes.
-fn hash_block_hash<'a>(hashes: impl Iterator<Item = &'a Hash32>) -> Hash32 {
-    let mut block = [0u8; BLOCK_SIZE];
-    for (slot, hash) in block.chunks_exact_mut(HASH_SIZE).zip(hashes) {
-        slot.copy_from_slice(hash);
-    }
-    Sha256::digest(block).into()
-}
-
-/// [`hash_block_hash`] of a slice of hashes: a full block is hashed where it lies, without a copy.
+/// SHA-256 of a hash block holding `hashes` (at most 128), zero-padded to 4096 bytes: packed hashes
+/// are hashed exactly as a data block is, in place.
 fn hash_block_of(hashes: &[Hash32]) -> Hash32 {
-    if hashes.len() == HASHES_PER_BLOCK {
-        Sha256::digest(hashes.as_flattened()).into()
-    } else {
-        hash_block_hash(hashes.iter())
-    }
+    data_block_hash(hashes.as_flattened())
 }
 
 /// The level-1 hash of one unit of at most 512 KiB of data (its last block zero-padded).
 #[must_use]
 pub fn level1_hash(unit: &[u8]) -> Hash32 {
     let block_hashes: Vec<Hash32> = unit.chunks(BLOCK_SIZE).map(data_block_hash).collect();
-    hash_block_hash(block_hashes.iter())
+    hash_block_of(&block_hashes)
 }
 
 /// The level-1 hashes of `chunk`, which starts at a 512 KiB boundary of the input.
@@ -482,10 +470,7 @@ mod tests {
         }
         let mut level: Vec<Hash32> = data.chunks(BLOCK_SIZE).map(data_block_hash).collect();
         while level.len() > 1 {
-            level = level
-                .chunks(HASHES_PER_BLOCK)
-                .map(|c| hash_block_hash(c.iter()))
-                .collect();
+            level = level.chunks(HASHES_PER_BLOCK).map(hash_block_of).collect();
         }
         level[0]
     }
